@@ -1,0 +1,714 @@
+"""Even/odd digit benchmark: MT-COOL and its ablations against Independent and Joint.
+
+This reproduces the setting of the MT-COOL paper's Table 1 (see
+``ALGORITHM.md`` sections 5-7) on data that needs no download: Task "even"
+classifies the digits {0, 2, 4, 6, 8} and task "odd" the digits {1, 3, 5, 7, 9}
+with a LeNet. By default it uses scikit-learn's bundled 8x8 digits; pass
+``--data-dir`` to use real MNIST IDX files instead.
+
+Methods (all trained with the same base optimizer, learning rate, batch size,
+number of steps, per-seed initialisation and per-seed data order):
+
+- ``independent``: one :class:`LeNetSingle` per task, each trained on its own task.
+- ``joint``: one :class:`LeNetMultiTask`, loss = sum of the task losses, plain SGD.
+- ``vanilla``, ``without_reg``, ``mt_cool``: :class:`cooperative_opt.CooperativeOptimizer`
+  on the channel-split :class:`LeNetMultiTask` with the matching ``variant``
+  (the three ablations of the paper's Table 1).
+
+Every training step draws one batch per task. An epoch is
+``ceil(max_t N_t / batch_size)`` steps; each task draws its batches from its own
+stream of back-to-back random permutations of its training set, so the smaller
+task wraps around a little early. MT-COOL's warm-up (joint noisy updates) lasts
+``--warmup-epochs`` epochs (default 1), counted inside ``--epochs``.
+
+Run ``python -m benchmarks.even_odd --help`` for the options. Outputs:
+a markdown table on stdout, ``<out-dir>/even_odd.json`` (configuration,
+per-seed accuracies and per-epoch curves; accuracies as fractions in [0, 1]) and
+``<out-dir>/even_odd.png`` (accuracy bars with standard deviations, and test
+accuracy curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from tqdm import tqdm  # type: ignore[import-untyped]
+
+from benchmarks._data import NUM_CLASSES, TaskData, load_digits_even_odd, load_mnist_even_odd
+from benchmarks._models import LeNetMultiTask, LeNetSingle, count_parameters
+
+__all__ = ["METHODS", "BenchmarkConfig", "main", "parse_args", "run_benchmark"]
+
+METHODS: Final[tuple[str, ...]] = ("independent", "joint", "vanilla", "without_reg", "mt_cool")
+"""Every method this benchmark knows, in the order they are run and reported."""
+
+COOPERATIVE_METHODS: Final[frozenset[str]] = frozenset({"vanilla", "without_reg", "mt_cool"})
+"""Methods trained with ``CooperativeOptimizer``; the method name is its ``variant``."""
+
+_DEFAULTS: Final[tuple[tuple[str, Any], ...]] = (
+    ("seeds", 5),
+    ("epochs", 30),
+    ("max_train", None),
+    ("max_test", None),
+)
+_QUICK: Final[tuple[tuple[str, Any], ...]] = (
+    ("seeds", 1),
+    ("epochs", 2),
+    ("max_train", 256),
+    ("max_test", 256),
+)
+_EVAL_BATCH: Final[int] = 1024
+_WARMUP_NOTE: Final[str] = (
+    "MT-COOL warm-up (joint noisy updates, ALGORITHM.md section 3) lasts warmup_epochs epochs, "
+    "i.e. warmup_steps = warmup_epochs * steps_per_epoch optimizer steps, counted inside epochs; "
+    "the paper does not state its warm-up length. vanilla, without_reg and mt_cool all use it."
+)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Everything that determines a benchmark run; written verbatim into the JSON.
+
+    Attributes:
+        seeds: run seeds; each fixes the model initialisation, the data order, the
+            MT-COOL noise and (for digits) the train/test split.
+        epochs: training epochs per run (including MT-COOL's warm-up).
+        batch_size: examples per task per step.
+        lr: SGD learning rate (paper: 0.1 for warm-up and cooperative phase).
+        momentum: SGD momentum (0 = plain SGD).
+        methods: methods to run, a subset of :data:`METHODS` in that order.
+        bound: MT-COOL noise/clamp bound b (paper: 0.05).
+        samples: MT-COOL noise samples M per step (paper: 1).
+        inner_steps: MT-COOL inner steps L per task per outer iteration.
+        warmup_epochs: MT-COOL warm-up length in epochs.
+        dataset: ``"digits"`` (scikit-learn 8x8) or ``"mnist"`` (IDX files in ``data_dir``).
+        data_dir: MNIST folder, or ``None`` for digits.
+        test_fraction: digits only: share of each task held out for testing.
+        max_train: keep at most this many training examples per task (``None`` = all).
+        max_test: keep at most this many test examples per task (``None`` = all).
+        device: torch device string, e.g. ``"cpu"`` or ``"cuda"``.
+        out_dir: folder for ``even_odd.json`` and ``even_odd.png``.
+        quick: whether ``--quick`` filled in the defaults.
+        progress: whether to show the tqdm progress bar.
+    """
+
+    seeds: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    methods: tuple[str, ...]
+    bound: float
+    samples: int
+    inner_steps: int
+    warmup_epochs: int
+    dataset: str
+    data_dir: str | None
+    test_fraction: float
+    max_train: int | None
+    max_test: int | None
+    device: str
+    out_dir: str
+    quick: bool
+    progress: bool
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
+    return value
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated method names, returned in :data:`METHODS` order."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(METHODS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown or text!r}; give a comma list drawn from {','.join(METHODS)}"
+        )
+    return tuple(method for method in METHODS if method in names)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m benchmarks.even_odd``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.even_odd",
+        description="Compare Independent, Joint and MT-COOL (vanilla / without_reg / mt_cool) "
+        "on the even/odd digit tasks of the MT-COOL paper's Table 1.",
+    )
+    add = parser.add_argument
+    add("--seeds", type=_positive_int, default=None, help="number of seeds 0..N-1 (default 5; --quick: 1)")
+    add("--epochs", type=_positive_int, default=None, help="epochs per run (default 30; --quick: 2)")
+    add("--batch-size", type=_positive_int, default=32, help="examples per task per step (default 32)")
+    add("--lr", type=_non_negative_float, default=0.1, help="SGD learning rate (default 0.1, as the paper)")
+    add("--momentum", type=_non_negative_float, default=0.0, help="SGD momentum (default 0)")
+    add("--methods", type=_method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
+    add("--bound", type=_non_negative_float, default=0.05, help="MT-COOL bound b (default 0.05)")
+    add("--samples", type=_positive_int, default=1, help="MT-COOL noise samples M (default 1)")
+    add("--inner-steps", type=_positive_int, default=1, help="MT-COOL inner steps L (default 1)")
+    add("--warmup-epochs", type=_non_negative_int, default=1, help="MT-COOL warm-up epochs (default 1)")
+    add("--test-fraction", type=float, default=0.25, help="digits: test share per task (default 0.25)")
+    add("--max-train", type=_positive_int, default=None, help="cap on training examples per task")
+    add("--max-test", type=_positive_int, default=None, help="cap on test examples per task")
+    add("--out-dir", default="results", help="output folder (default results)")
+    add("--data-dir", default=None, help="folder with real MNIST IDX files; default: sklearn 8x8 digits")
+    add("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    add("--quick", action="store_true", help="tiny smoke run: 1 seed, 2 epochs, <= 256 examples per task")
+    add("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _resolve_device(text: str) -> str:
+    """Check that ``--device`` names a usable torch device and return it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise ValueError(f"--device {text!r} is not a torch device ({error}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text!r} asks for CUDA but torch.cuda.is_available() is False; use --device cpu")
+    return str(device)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
+    """Parse the command line into a :class:`BenchmarkConfig`, filling defaults (or ``--quick`` ones)."""
+    args = _build_parser().parse_args(argv)
+    defaults = dict(_QUICK if args.quick else _DEFAULTS)
+    filled = {key: default if getattr(args, key) is None else getattr(args, key) for key, default in defaults.items()}
+    if args.epochs is not None and args.warmup_epochs >= args.epochs and set(args.methods) & COOPERATIVE_METHODS:
+        print(
+            f"warning: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: "
+            "MT-COOL runs will never leave warm-up",
+            file=sys.stderr,
+        )
+    if not 0.0 < args.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), e.g. 0.25; got {args.test_fraction!r}")
+    return BenchmarkConfig(
+        seeds=tuple(range(filled["seeds"])),
+        epochs=filled["epochs"],
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        methods=tuple(args.methods),
+        bound=args.bound,
+        samples=args.samples,
+        inner_steps=args.inner_steps,
+        warmup_epochs=args.warmup_epochs,
+        dataset="digits" if args.data_dir is None else "mnist",
+        data_dir=args.data_dir,
+        test_fraction=args.test_fraction,
+        max_train=filled["max_train"],
+        max_test=filled["max_test"],
+        device=_resolve_device(args.device),
+        out_dir=args.out_dir,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Data order
+
+
+def _load_data(config: BenchmarkConfig, seed: int) -> dict[str, TaskData]:
+    """The even/odd tasks for one seed, capped and moved to ``config.device``."""
+    if config.data_dir is None:
+        data = load_digits_even_odd(seed, test_fraction=config.test_fraction)
+    else:
+        data = load_mnist_even_odd(config.data_dir)
+    moved: dict[str, TaskData] = {}
+    for task, task_data in data.items():
+        capped = task_data.truncated(config.max_train, config.max_test)
+        if capped.train_y.shape[0] < config.batch_size:
+            raise ValueError(
+                f"--batch-size {config.batch_size} exceeds the {capped.train_y.shape[0]} training examples "
+                f"of task {task!r}; lower --batch-size or raise --max-train"
+            )
+        moved[task] = TaskData(*(getattr(capped, f).to(config.device) for f in ("train_x", "train_y", "test_x", "test_y")))
+    return moved
+
+
+def _steps_per_epoch(data: Mapping[str, TaskData], batch_size: int) -> int:
+    """Steps in one epoch: enough batches to go once through the largest task."""
+    return math.ceil(max(d.train_y.shape[0] for d in data.values()) / batch_size)
+
+
+def _batch_schedule(
+    sizes: Mapping[str, int], batch_size: int, steps: int, seed: int, device: str
+) -> dict[str, Tensor]:
+    """Per task, the training indices of every step: ``[steps, batch_size]`` int64.
+
+    Each task's indices are back-to-back random permutations of ``range(size)``
+    drawn from one generator seeded with ``seed``, so every method trained with
+    the same seed sees exactly the same batches in the same order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    schedule: dict[str, Tensor] = {}
+    for task, size in sizes.items():
+        needed = steps * batch_size
+        permutations = [torch.randperm(size, generator=generator) for _ in range(math.ceil(needed / size))]
+        schedule[task] = torch.cat(permutations)[:needed].view(steps, batch_size).to(device)
+    return schedule
+
+
+# ---------------------------------------------------------------------------
+# Methods
+
+
+class _Learner(Protocol):
+    """What the training loop needs from a method: one step, predictions, a size."""
+
+    num_parameters: int
+
+    def train_step(self, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """Update on one batch per task; return each task's training loss."""
+        ...
+
+    def logits(self, x: Tensor, task: str) -> Tensor:
+        """Predictions of ``task`` on ``x`` (called under ``torch.no_grad``)."""
+        ...
+
+    def train(self, mode: bool) -> None:
+        """Switch the underlying modules between training and evaluation mode."""
+        ...
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """Constructor arguments shared by every network in one run."""
+
+    num_classes: Mapping[str, int]
+    input_size: tuple[int, int]
+
+    @staticmethod
+    def for_data(data: Mapping[str, TaskData]) -> _ModelSpec:
+        """The networks that fit ``data``: its tasks, 5 classes each, its image size."""
+        height, width = next(iter(data.values())).train_x.shape[2:]
+        return _ModelSpec(dict.fromkeys(data, NUM_CLASSES), (int(height), int(width)))
+
+    def multi_task(self) -> LeNetMultiTask:
+        """A fresh multi-task LeNet (draws its initialisation from the global torch RNG)."""
+        return LeNetMultiTask(self.num_classes, input_size=self.input_size)
+
+    def single_task(self, task: str) -> LeNetSingle:
+        """A fresh single-task LeNet for ``task``."""
+        return LeNetSingle(self.num_classes[task], input_size=self.input_size)
+
+
+class _IndependentLearner:
+    """Independent baseline: one :class:`LeNetSingle` and one SGD per task."""
+
+    def __init__(self, spec: _ModelSpec, config: BenchmarkConfig) -> None:
+        self.models = {task: spec.single_task(task).to(config.device) for task in spec.num_classes}
+        self.optimizers = {
+            task: torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+            for task, model in self.models.items()
+        }
+        self.num_parameters = sum(count_parameters(model) for model in self.models.values())
+
+    def train_step(self, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+        losses: dict[str, float] = {}
+        for task, (x, y) in batches.items():
+            optimizer = self.optimizers[task]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.models[task](x), y)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            losses[task] = loss.item()
+        return losses
+
+    def logits(self, x: Tensor, task: str) -> Tensor:
+        logits: Tensor = self.models[task](x)
+        return logits
+
+    def train(self, mode: bool) -> None:
+        for model in self.models.values():
+            model.train(mode)
+
+
+class _JointLearner:
+    """Joint baseline: hard-shared :class:`LeNetMultiTask`, loss = sum of task losses, SGD."""
+
+    def __init__(self, spec: _ModelSpec, config: BenchmarkConfig) -> None:
+        self.model = spec.multi_task().to(config.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum)
+        self.num_parameters = count_parameters(self.model)
+
+    def train_step(self, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = {task: F.cross_entropy(self.model(x, task), y) for task, (x, y) in batches.items()}
+        torch.stack(list(losses.values())).sum().backward()  # type: ignore[no-untyped-call]
+        self.optimizer.step()
+        return {task: loss.item() for task, loss in losses.items()}
+
+    def logits(self, x: Tensor, task: str) -> Tensor:
+        logits: Tensor = self.model(x, task)
+        return logits
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+
+def _task_loss(output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """MT-COOL task loss: cross-entropy of the task's logits against ``batch[1]``."""
+    return F.cross_entropy(output, batch[1])
+
+
+def _task_inputs(batch: tuple[Tensor, Tensor], task: str) -> tuple[Tensor, str]:
+    """MT-COOL task inputs: ``model(x, task)`` for ``batch = (x, y)``."""
+    return (batch[0], task)
+
+
+def _missing_core_message(error: ImportError) -> str:
+    """Explain how to proceed when ``cooperative_opt`` / ``adapters`` cannot be imported."""
+    return (
+        f"methods {sorted(COOPERATIVE_METHODS)} need the cooperative_opt and adapters packages, "
+        f"which failed to import ({error}); install the project (pip install -e .) or run only "
+        f"--methods independent,joint"
+    )
+
+
+class _CooperativeLearner:
+    """MT-COOL (one of its ablations): channel-split :class:`LeNetMultiTask` + ``CooperativeOptimizer``."""
+
+    def __init__(
+        self, spec: _ModelSpec, config: BenchmarkConfig, variant: str, seed: int, warmup_steps: int
+    ) -> None:
+        try:
+            import adapters
+            from cooperative_opt import CooperativeOptimizer, Task
+        except ImportError as error:
+            raise RuntimeError(_missing_core_message(error)) from error
+        self.model = spec.multi_task().to(config.device)
+        task_names = self.model.tasks
+        adapters.split_channels(self.model.encoder, task_names)
+        tasks = [
+            Task(
+                name,
+                loss=_task_loss,
+                head=self.model.heads[name],
+                inputs=functools.partial(_task_inputs, task=name),
+            )
+            for name in task_names
+        ]
+        self.optimizer = CooperativeOptimizer(
+            self.model,
+            tasks,
+            torch.optim.SGD,
+            lr=config.lr,
+            momentum=config.momentum,
+            variant=variant,
+            bound=config.bound,
+            samples=config.samples,
+            inner_steps=config.inner_steps,
+            warmup_steps=warmup_steps,
+            seed=seed,
+        )
+        self.num_parameters = count_parameters(self.model)
+
+    def train_step(self, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+        report = self.optimizer.step(dict(batches))
+        return {task: float(report.losses[task]) for task in batches}
+
+    def logits(self, x: Tensor, task: str) -> Tensor:
+        logits: Tensor = self.model(x, task)
+        return logits
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+
+def _build_learner(method: str, spec: _ModelSpec, config: BenchmarkConfig, seed: int, warmup_steps: int) -> _Learner:
+    """Seed the global torch RNG with ``seed`` and build ``method``'s networks and optimizer."""
+    torch.manual_seed(seed)
+    if method == "independent":
+        return _IndependentLearner(spec, config)
+    if method == "joint":
+        return _JointLearner(spec, config)
+    if method in COOPERATIVE_METHODS:
+        return _CooperativeLearner(spec, config, method, seed, warmup_steps)
+    raise ValueError(f"method={method!r} is unknown; choose from {METHODS}")
+
+
+def _check_core_importable(methods: Sequence[str]) -> None:
+    """Fail before any training when a cooperative method is asked for but the core is missing."""
+    if not COOPERATIVE_METHODS & set(methods):
+        return
+    try:
+        import adapters  # noqa: F401
+        import cooperative_opt  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError(_missing_core_message(error)) from error
+
+
+# ---------------------------------------------------------------------------
+# Training and evaluation
+
+
+@torch.no_grad()
+def _accuracy(learner: _Learner, x: Tensor, y: Tensor, task: str) -> float:
+    """Fraction of ``x`` that ``learner`` classifies correctly for ``task``."""
+    correct = 0
+    for start in range(0, x.shape[0], _EVAL_BATCH):
+        logits = learner.logits(x[start : start + _EVAL_BATCH], task)
+        correct += int((logits.argmax(dim=1) == y[start : start + _EVAL_BATCH]).sum().item())
+    return correct / max(x.shape[0], 1)
+
+
+def _evaluate(learner: _Learner, data: Mapping[str, TaskData]) -> dict[str, float]:
+    """Test accuracy of every task, in evaluation mode."""
+    learner.train(False)
+    try:
+        return {task: _accuracy(learner, d.test_x, d.test_y, task) for task, d in data.items()}
+    finally:
+        learner.train(True)
+
+
+def _train_epoch(
+    learner: _Learner, data: Mapping[str, TaskData], schedule: Mapping[str, Tensor], epoch: int, steps: int
+) -> dict[str, float]:
+    """Run one epoch of ``steps`` steps; return each task's mean training loss."""
+    totals = dict.fromkeys(data, 0.0)
+    for step in range(epoch * steps, (epoch + 1) * steps):
+        batches = {task: (d.train_x[schedule[task][step]], d.train_y[schedule[task][step]]) for task, d in data.items()}
+        for task, loss in learner.train_step(batches).items():
+            totals[task] += loss
+    return {task: total / steps for task, total in totals.items()}
+
+
+def _run(
+    method: str, config: BenchmarkConfig, data: Mapping[str, TaskData], schedule: Mapping[str, Tensor], seed: int
+) -> dict[str, Any]:
+    """Train ``method`` for one seed; return its accuracies, curves and timing."""
+    steps = _steps_per_epoch(data, config.batch_size)
+    warmup_steps = config.warmup_epochs * steps
+    spec = _ModelSpec.for_data(data)
+    started = time.perf_counter()
+    learner = _build_learner(method, spec, config, seed, warmup_steps)
+    learner.train(True)
+    train_loss: dict[str, list[float]] = {task: [] for task in data}
+    test_accuracy: dict[str, list[float]] = {task: [] for task in data}
+    for epoch in range(config.epochs):
+        for task, loss in _train_epoch(learner, data, schedule, epoch, steps).items():
+            train_loss[task].append(loss)
+        for task, accuracy in _evaluate(learner, data).items():
+            test_accuracy[task].append(accuracy)
+    return {
+        "seed": seed,
+        "final_accuracy": {task: curve[-1] for task, curve in test_accuracy.items()},
+        "curves": {
+            "epoch": list(range(1, config.epochs + 1)),
+            "train_loss": train_loss,
+            "test_accuracy": test_accuracy,
+        },
+        "num_parameters": learner.num_parameters,
+        "steps_per_epoch": steps,
+        "warmup_steps": warmup_steps if method in COOPERATIVE_METHODS else 0,
+        "train_sizes": {task: int(d.train_y.shape[0]) for task, d in data.items()},
+        "test_sizes": {task: int(d.test_y.shape[0]) for task, d in data.items()},
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Summaries and outputs
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _summarise(method: str, runs: list[dict[str, Any]], joint_parameters: int) -> dict[str, Any]:
+    """Per-method summary: parameter count and ratio, accuracy mean/std/per-seed, and the runs."""
+    tasks = list(runs[0]["final_accuracy"])
+    accuracy: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        per_seed = [float(run["final_accuracy"][task]) for run in runs]
+        mean, std = _mean_std(per_seed)
+        accuracy[task] = {"mean": mean, "std": std, "per_seed": per_seed}
+    parameters = int(runs[0]["num_parameters"])
+    return {
+        "method": method,
+        "params": parameters,
+        "params_ratio": parameters / joint_parameters,
+        "accuracy": accuracy,
+        "runs": runs,
+    }
+
+
+def _markdown_table(summaries: Mapping[str, Mapping[str, Any]], tasks: Sequence[str]) -> str:
+    """The results as a markdown table, accuracies in percent as mean ± std over seeds."""
+    header = "| method | params | " + " | ".join(f"{task} acc (%)" for task in tasks) + " |"
+    rule = "|---|---:|" + "---:|" * len(tasks)
+    rows = [header, rule]
+    for method, summary in summaries.items():
+        cells = [
+            f"{100 * summary['accuracy'][task]['mean']:.2f} ± {100 * summary['accuracy'][task]['std']:.2f}"
+            for task in tasks
+        ]
+        rows.append(f"| {method} | {summary['params_ratio']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _mean_curve(runs: Sequence[Mapping[str, Any]], task: str) -> list[float]:
+    """Test-accuracy curve of ``task`` averaged over seeds, in percent."""
+    curves = [run["curves"]["test_accuracy"][task] for run in runs]
+    return [100 * statistics.fmean(values) for values in zip(*curves, strict=True)]
+
+
+def _plot(summaries: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], title: str, path: Path) -> None:
+    """Save the bar chart (mean ± std final accuracy) and per-task test-accuracy curves to ``path``."""
+    figure = Figure(figsize=(5 + 4 * len(tasks), 4.2), layout="constrained")
+    axes = figure.subplots(1, 1 + len(tasks), squeeze=False)[0]
+    methods = list(summaries)
+    width = 0.8 / len(tasks)
+    lowest = 100.0
+    for offset, task in enumerate(tasks):
+        means = [100 * summaries[m]["accuracy"][task]["mean"] for m in methods]
+        stds = [100 * summaries[m]["accuracy"][task]["std"] for m in methods]
+        positions = [i + (offset - (len(tasks) - 1) / 2) * width for i in range(len(methods))]
+        axes[0].bar(positions, means, width, yerr=stds, capsize=3, label=task)
+        lowest = min([lowest, *(m - s for m, s in zip(means, stds, strict=True))])
+    axes[0].set_xticks(range(len(methods)), methods, rotation=20)
+    axes[0].set_ylim(max(0.0, lowest - 2.0), 100.0)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_title("final accuracy, mean ± std over seeds")
+    axes[0].legend(title="task")
+    for axis, task in zip(axes[1:], tasks, strict=True):
+        for method in methods:
+            runs = summaries[method]["runs"]
+            axis.plot(runs[0]["curves"]["epoch"], _mean_curve(runs, task), label=method)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_title(f"task {task!r}, mean over seeds")
+        axis.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.savefig(path, dpi=120)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with non-finite floats (diverged losses) replaced by ``None``, for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
+    """Train every method on every seed and return the results (what ``main`` writes as JSON)."""
+    _check_core_importable(config.methods)
+    started = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {method: [] for method in config.methods}
+    joint_parameters = 0
+    with tqdm(total=len(config.seeds) * len(config.methods), desc="even/odd", unit="run", disable=not config.progress) as bar:
+        for seed in config.seeds:
+            data = _load_data(config, seed)
+            steps = _steps_per_epoch(data, config.batch_size)
+            sizes = {task: int(d.train_y.shape[0]) for task, d in data.items()}
+            schedule = _batch_schedule(sizes, config.batch_size, config.epochs * steps, seed, config.device)
+            joint_parameters = count_parameters(_ModelSpec.for_data(data).multi_task())
+            for method in config.methods:
+                bar.set_postfix(method=method, seed=seed)
+                runs[method].append(_run(method, config, data, schedule, seed))
+                bar.update(1)
+    tasks = list(next(iter(runs.values()))[0]["final_accuracy"])
+    summaries = {method: _summarise(method, method_runs, joint_parameters) for method, method_runs in runs.items()}
+    return {
+        "benchmark": "even_odd",
+        "config": {**asdict(config), "warmup_note": _WARMUP_NOTE, "joint_params": joint_parameters},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "tasks": tasks,
+        "accuracy_unit": "fraction in [0, 1]",
+        "methods": summaries,
+        "table": _markdown_table(summaries, tasks),
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+def _title(config: BenchmarkConfig) -> str:
+    """Figure title naming the data and the training budget."""
+    data = "MNIST" if config.dataset == "mnist" else "sklearn digits 8x8"
+    return (
+        f"Even/odd {data}: {len(config.seeds)} seed(s), {config.epochs} epochs, "
+        f"batch {config.batch_size}, SGD lr {config.lr}"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark from the command line; print the table, write JSON and PNG, return the results.
+
+    Example:
+        >>> results = main(["--quick", "--out-dir", "/tmp/even_odd"])  # doctest: +SKIP
+        >>> sorted(results["methods"])
+        ['independent', 'joint', 'mt_cool', 'vanilla', 'without_reg']
+    """
+    config = parse_args(argv)
+    results = _finite(run_benchmark(config))
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "even_odd.json"
+    png_path = out_dir / "even_odd.png"
+    json_path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    _plot(results["methods"], results["tasks"], _title(config), png_path)
+    print(results["table"])
+    print(f"\nwall time {results['wall_time_s']:.1f} s; wrote {json_path} and {png_path}")
+    return dict(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""cooperative-opt: multi-task cooperative learning (MT-COOL) for PyTorch.
+
+``CooperativeOptimizer`` wraps any torch optimizer and trains a model whose
+encoder is split between tasks (:mod:`adapters`): each task in turn takes
+optimizer steps on its own slices and head while the other tasks' slices are
+perturbed with uniform noise, then its slices are clamped near where the
+outer iteration started.
+"""
+
+from cooperative_opt._consistency import bernoulli_kl, softmax_kl
+from cooperative_opt._optimizer import CooperativeOptimizer, OptimizerSpec
+from cooperative_opt._report import Phase, StepReport
+from cooperative_opt._running_stats import RunningStatsPolicy
+from cooperative_opt._task import ConsistencySpec, Task
+from cooperative_opt._variants import VARIANTS, Variant
+
+__all__ = [
+    "VARIANTS",
+    "ConsistencySpec",
+    "CooperativeOptimizer",
+    "OptimizerSpec",
+    "Phase",
+    "RunningStatsPolicy",
+    "StepReport",
+    "Task",
+    "Variant",
+    "bernoulli_kl",
+    "softmax_kl",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""What one call of ``CooperativeOptimizer.step`` did."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Phase", "StepReport"]
+
+Phase = Literal["warmup", "cooperative"]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Summary of one warm-up step or one outer iteration.
+
+    Attributes:
+        step: 1-based index of this call of ``step``.
+        phase: ``"warmup"`` (Eq. 7) or ``"cooperative"`` (one outer iteration).
+        losses: each updated task's loss, averaged over noise samples and inner steps.
+        consistency: each updated task's consistency term D (0 where it is off).
+        skipped: tasks that were not updated, with the reason
+            (``"no batch"`` or ``"non-finite loss"``).
+    """
+
+    step: int
+    phase: Phase
+    losses: Mapping[str, float]
+    consistency: Mapping[str, float]
+    skipped: Mapping[str, str]
+
+    @property
+    def total_loss(self) -> float:
+        """Sum of the task losses of this step."""
+        return float(sum(self.losses.values()))

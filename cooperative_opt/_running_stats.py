@@ -1,0 +1,75 @@
+"""Running statistics of normalization layers during noisy forward passes.
+
+Evaluating a task under M noise samples runs the model M times; letting each
+pass update BatchNorm's running mean and variance would weight those batches
+M times and mix in statistics of perturbed weights (a peer-library bug). The
+policy decides which passes may write the real buffers:
+
+- ``"once"`` (default): the first sample's forward of each task per inner
+  step updates them, the other samples read them but write to throwaway copies;
+- ``"every_sample"``: every forward updates them (plain PyTorch behaviour);
+- ``"frozen"``: no forward inside ``step`` updates them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ["RunningStats", "RunningStatsPolicy"]
+
+RunningStatsPolicy = Literal["once", "every_sample", "frozen"]
+
+
+class RunningStats:
+    """The normalization buffers of a model that forward passes update in place."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self.names: list[str] = []
+        self.buffers: list[Tensor] = []
+        self._snapshot: list[Tensor] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Look the buffers up again (``model.to(...)`` replaces buffer tensors)."""
+        names: list[str] = []
+        buffers: list[Tensor] = []
+        for module_name, module in self._model.named_modules():
+            if isinstance(module, _NormBase) and module.track_running_stats:
+                for buffer_name, buffer in module.named_buffers(recurse=False):
+                    names.append(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+                    buffers.append(buffer)
+        if len(buffers) != len(self._snapshot) or any(
+            b.shape != s.shape or b.dtype != s.dtype or b.device != s.device for b, s in zip(buffers, self._snapshot)
+        ):
+            self._snapshot = [b.clone() for b in buffers]
+        self.names, self.buffers = names, buffers
+
+    def scratch(self) -> dict[str, Tensor]:
+        """Throwaway copies to pass to ``functional_call`` so the real buffers stay untouched."""
+        return {n: b.clone() for n, b in zip(self.names, self.buffers)}
+
+    def stacked_scratch(self, samples: int) -> dict[str, Tensor]:
+        """``[samples, *shape]`` copies for ``vmap``, one per noise sample."""
+        return {n: b.unsqueeze(0).expand(samples, *b.shape).clone() for n, b in zip(self.names, self.buffers)}
+
+    def adopt(self, stacked: dict[str, Tensor], sample: int) -> None:
+        """Copy one sample's updated buffers from :meth:`stacked_scratch` into the real buffers."""
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, [stacked[n][sample] for n in self.names])
+
+    def save(self) -> None:
+        """Remember the current values, to :meth:`restore` if a task's update is abandoned."""
+        if self.buffers:
+            torch._foreach_copy_(self._snapshot, self.buffers)
+
+    def restore(self) -> None:
+        """Put back the values of the last :meth:`save`."""
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self._snapshot)
