@@ -3,11 +3,12 @@
 Drawing noise dominates the extra cost of a cooperative step on CPU, so it
 is done with as few passes over memory as possible: one call of the
 generator fills 64 random bits per four parameters (``int64.random_``), the
-bits are read as four 16-bit integers ``k`` and mapped to
-``eps = (k + 1/2) * b / 2**15``. The noise is therefore uniform on a lattice
-of 65,536 equally spaced points, symmetric about zero and strictly inside
-``(-b, b)``; the spacing (``b / 32768``, 1.5e-6 for ``b = 0.05``) is far
-below anything a forward pass in float32 resolves. The buffers are allocated
+bits are read as four 16-bit integers ``k``, made odd (``k | 1``, a pass over
+2-byte integers) and mapped to ``eps = k * b / 2**15``. The noise is
+therefore uniform on a lattice of 32,768 equally spaced points, symmetric
+about zero and strictly inside ``(-b, b)``; the spacing (``b / 16384``,
+3.1e-6 for ``b = 0.05``) is far below anything a forward pass in float32
+resolves. The buffers are allocated
 once and reused at every step (fresh allocations page-fault on CPU).
 """
 
@@ -99,11 +100,12 @@ class UniformNoise:
             words = (self.samples * width + 3) // 4
             bits = g.bits[:words].random_(-(2**63), None, generator=self.generators[g.device])
             lattice = bits.view(torch.int16)[: self.samples * width].view(self.samples, width)
+            lattice.bitwise_or_(1)
             pos = 0
             for a, b in ranges:
                 block = g.values[:, a:b]
                 block.copy_(lattice[:, pos : pos + b - a])
-                block.add_(0.5).mul_(scale)
+                block.mul_(scale)
                 pos += b - a
 
     def noise(self, task: int, sample: int) -> list[Tensor]:

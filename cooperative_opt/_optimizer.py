@@ -44,6 +44,12 @@ def _finite_float(name: str, value: object) -> float:
     return float(value)
 
 
+def _clear_grads(params: Iterable[Tensor]) -> None:
+    """Drop gradients, so the next task's optimizer step skips these parameters."""
+    for p in params:
+        p.grad = None
+
+
 def _choice(name: str, value: object, options: Sequence[object]) -> Any:
     if value not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
@@ -423,7 +429,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         return loss, term, objective
 
     def _clamp(self, index: int) -> None:
-        theta = list(self.task_params[index].encoder)
+        theta: list[Tensor] = list(self.task_params[index].encoder)
         if not theta or self.clamp_bound is None:
             return
         anchor = self._anchor_of[index]
@@ -437,6 +443,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         losses: dict[str, float] = {}
         consistency: dict[str, float] = {}
         skipped: dict[str, str] = {}
+        self.base.zero_grad(set_to_none=True)  # inactive tasks must have grad None: stock optimizers skip them
         if self._anchor:
             with torch.no_grad():
                 torch._foreach_copy_(self._anchor, self._thetas)
@@ -458,15 +465,15 @@ class CooperativeOptimizer(torch.optim.Optimizer):
                         break
                     task_losses.append(float(loss.detach()))
                     terms.append(0.0 if term is None else float(term.detach()))
-                    self.base.zero_grad(set_to_none=True)
-                    objective.backward(inputs=list(tp.own))
+                    torch.autograd.backward(objective, inputs=list(tp.own))
                     self.base.step()
                     self._clamp(index)
+                    _clear_grads(tp.own)
             except BaseException:
                 self._rollback(index, head_before)
                 raise
             finally:
-                self.base.zero_grad(set_to_none=True)
+                _clear_grads(tp.own)
             if task_losses:
                 losses[task.name] = sum(task_losses) / len(task_losses)
                 consistency[task.name] = sum(terms) / len(terms)
@@ -502,7 +509,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             if noise is None:
                 return {}
             if j not in per_sample_cache:
-                per_sample_cache[j] = torch._foreach_add(params, [e for k in every for e in noise.noise(k, j)])
+                per_sample_cache[j] = list(torch._foreach_add(params, [e for k in every for e in noise.noise(k, j)]))
             return dict(zip(names, per_sample_cache[j]))
 
         def stacked() -> dict[str, Tensor]:
@@ -532,7 +539,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
                 total = loss if total is None else total + loss
             if total is not None:
                 self.base.zero_grad(set_to_none=True)
-                total.backward(inputs=trainable)
+                torch.autograd.backward(total, inputs=trainable)
                 self.base.step()
         except BaseException:
             self._stats.restore()
@@ -569,7 +576,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             "vectorized": self._vmap_ok,
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises ``ValueError`` naming what does not match."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping from CooperativeOptimizer.state_dict(), got {state_dict!r}")

@@ -28,26 +28,29 @@ class RunningStats:
     """The normalization buffers of a model that forward passes update in place."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._model = model
         self.names: list[str] = []
+        self._slots: list[tuple[nn.Module, str]] = []
+        for module_name, module in model.named_modules():
+            if isinstance(module, _NormBase) and module.track_running_stats:
+                for buffer_name, buffer in module.named_buffers(recurse=False):
+                    self.names.append(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+                    self._slots.append((module, buffer_name))
         self.buffers: list[Tensor] = []
         self._snapshot: list[Tensor] = []
         self.refresh()
 
     def refresh(self) -> None:
-        """Look the buffers up again (``model.to(...)`` replaces buffer tensors)."""
-        names: list[str] = []
-        buffers: list[Tensor] = []
-        for module_name, module in self._model.named_modules():
-            if isinstance(module, _NormBase) and module.track_running_stats:
-                for buffer_name, buffer in module.named_buffers(recurse=False):
-                    names.append(f"{module_name}.{buffer_name}" if module_name else buffer_name)
-                    buffers.append(buffer)
+        """Look the buffer tensors up again (``model.to(...)`` replaces them)."""
+        found = [module._buffers[name] for module, name in self._slots]
+        buffers = [b for b in found if b is not None]
+        if len(buffers) != len(found):
+            missing = [n for n, b in zip(self.names, found) if b is None]
+            raise RuntimeError(f"normalization buffers {missing} were removed after the optimizer was built")
         if len(buffers) != len(self._snapshot) or any(
             b.shape != s.shape or b.dtype != s.dtype or b.device != s.device for b, s in zip(buffers, self._snapshot)
         ):
             self._snapshot = [b.clone() for b in buffers]
-        self.names, self.buffers = names, buffers
+        self.buffers = buffers
 
     def scratch(self) -> dict[str, Tensor]:
         """Throwaway copies to pass to ``functional_call`` so the real buffers stay untouched."""

@@ -1,0 +1,221 @@
+"""Time and memory of a MT-COOL step against a Joint step, measured side by side.
+
+Run ``python -m benchmarks.step_time``. The model is torchvision's resnet18
+(``weights=None``) as the shared encoder with one linear head per task and
+two tasks. Joint: the same network unsplit, loss = sum of the task losses,
+one SGD step. MT-COOL: the encoder channel-split between the tasks, one
+outer iteration of :class:`CooperativeOptimizer` (L = 1, M = 1, 2, 4) on the
+same per-task batches. Steps of the two methods alternate, so machine noise
+hits both alike; the printed ratio is the median over pairs of
+(MT-COOL time / Joint time). Peak memory is measured in a fresh subprocess
+per method (peak resident set size on CPU, ``max_memory_allocated`` on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import adapters
+from cooperative_opt import CooperativeOptimizer, Task
+
+SIZES = {"small": (16, 64), "large": (32, 128)}  # images per task, side length
+TASKS = ("a", "b")
+CLASSES = 5
+
+
+class MultiTaskResNet(nn.Module):
+    """resnet18 (no pretrained weights) as the encoder, one linear head per task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        net = resnet18(weights=None)
+        net.fc = nn.Identity()
+        self.encoder = net
+        self.heads = nn.ModuleDict({t: nn.Linear(512, CLASSES) for t in TASKS})
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        return self.heads[task](self.encoder(x))
+
+
+def make_batches(size: str, device: torch.device, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+    """One fixed batch per task for the given size."""
+    n, side = SIZES[size]
+    g = torch.Generator().manual_seed(seed)
+    return {
+        t: (torch.randn(n, 3, side, side, generator=g).to(device), torch.randint(0, CLASSES, (n,), generator=g).to(device))
+        for t in TASKS
+    }
+
+
+def joint_stepper(model: nn.Module, batches: dict[str, tuple[Tensor, Tensor]]) -> Callable[[], None]:
+    """A Joint training step: sum of the task losses, one SGD step."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = sum(F.cross_entropy(model(x, t), y) for t, (x, y) in batches.items())
+        assert isinstance(loss, Tensor)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def cooperative_stepper(
+    model: MultiTaskResNet, batches: dict[str, tuple[Tensor, Tensor]], samples: int, vectorize: bool
+) -> Callable[[], None]:
+    """One MT-COOL outer iteration (L = 1) on a channel-split copy of ``model``."""
+    adapters.split_channels(model.encoder, list(TASKS))
+    tasks = [
+        Task(
+            t,
+            loss=lambda out, batch: F.cross_entropy(out, batch[1]),
+            head=model.heads[t],
+            inputs=lambda batch, t=t: (batch[0], t),
+        )
+        for t in TASKS
+    ]
+    with warnings.catch_warnings():  # M = 1: the paper's consistency term is zero, as in the paper's runs
+        warnings.simplefilter("ignore", UserWarning)
+        opt = CooperativeOptimizer(model, tasks, torch.optim.SGD, lr=1e-3, samples=samples, vectorize=vectorize, seed=0)
+
+    def step() -> None:
+        opt.step(batches)
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@dataclass
+class Timing:
+    size: str
+    samples: int
+    joint_ms: float
+    cooperative_ms: float
+    ratio: float
+
+
+def time_pair(size: str, samples: int, repeats: int, device: torch.device, vectorize: bool) -> Timing:
+    """Median step times of Joint and MT-COOL, alternating, and the median of their per-pair ratios."""
+    torch.manual_seed(0)
+    base = MultiTaskResNet().to(device)
+    batches = make_batches(size, device)
+    joint = joint_stepper(copy.deepcopy(base), batches)
+    coop = cooperative_stepper(copy.deepcopy(base), batches, samples, vectorize)
+    for _ in range(2):  # warm-up: allocator, kernels, lazy init
+        joint()
+        coop()
+    tj, tc = [], []
+    for r in range(repeats):
+        order = [(joint, tj), (coop, tc)] if r % 2 == 0 else [(coop, tc), (joint, tj)]
+        for fn, out in order:
+            out.append(_timed(fn, device))
+    ratios = [c / j for c, j in zip(tc, tj)]
+    return Timing(size, samples, 1e3 * statistics.median(tj), 1e3 * statistics.median(tc), statistics.median(ratios))
+
+
+def _peak_memory_child(method: str, size: str, samples: int, device_name: str) -> None:
+    """Run in a subprocess: a few steps of one method, print peak memory in MiB as JSON."""
+    import resource
+
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = MultiTaskResNet().to(device)
+    batches = make_batches(size, device)
+    step = joint_stepper(model, batches) if method == "joint" else cooperative_stepper(model, batches, samples, True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mib": peak}))
+
+
+def peak_memory(method: str, size: str, samples: int, device: torch.device) -> float:
+    """Peak memory (MiB) of a fresh process running a few steps of ``method``."""
+    cmd = [sys.executable, "-m", "benchmarks.step_time", "--_child", method, size, str(samples), str(device)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ}).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="small,large", help="comma list of: " + ", ".join(SIZES))
+    parser.add_argument("--samples", default="1,2,4", help="comma list of M values (M = 1 is the headline ratio)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per method and setting")
+    parser.add_argument("--no-vmap", action="store_true", help="evaluate M > 1 samples in a loop instead of vmap")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="results/step_time.json")
+    parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._child:
+        method, size, samples, device_name = args._child
+        _peak_memory_child(method, size, int(samples), device_name)
+        return {}
+    device = torch.device(args.device)
+    sizes = [s for s in args.sizes.split(",") if s]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        parser.error(f"--sizes: unknown {bad}; choose from {list(SIZES)}")
+    samples = [int(m) for m in args.samples.split(",")]
+    results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "timings": [], "memory": []}
+    print(f"resnet18, 2 tasks, {device}, {torch.get_num_threads()} threads, {args.repeats} alternating steps each")
+    print("| size | M | Joint ms | MT-COOL ms | ratio (median of pairs) |")
+    print("|---|---|---|---|---|")
+    for size in sizes:
+        for m in samples:
+            t = time_pair(size, m, args.repeats, device, not args.no_vmap)
+            results["timings"].append(t.__dict__)
+            n, side = SIZES[size]
+            print(f"| {size} ({n}x{side}x{side}/task) | {m} | {t.joint_ms:.1f} | {t.cooperative_ms:.1f} | {t.ratio:.3f} |")
+    if not args.no_memory:
+        print("\n| size | Joint peak MiB | MT-COOL (M=1) peak MiB | ratio |")
+        print("|---|---|---|---|")
+        for size in sizes:
+            pj = peak_memory("joint", size, 1, device)
+            pc = peak_memory("cooperative", size, 1, device)
+            results["memory"].append({"size": size, "joint_mib": pj, "cooperative_mib": pc, "ratio": pc / pj})
+            print(f"| {size} | {pj:.0f} | {pc:.0f} | {pc / pj:.3f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
