@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import adapters
+
 from cooperative_opt import Task
 
 
