@@ -3,8 +3,8 @@
 Drawing noise dominates the extra cost of a cooperative step on CPU, so it
 is done with as few passes over memory as possible: one call of the
 generator fills 64 random bits per four parameters (``int64.random_``), the
-bits are read as four 16-bit integers ``k``, made odd (``k | 1``, a pass over
-2-byte integers) and mapped to ``eps = k * b / 2**15``. The noise is
+bits are read as four 16-bit integers ``k``, made odd (``k | 1``, one pass
+over the 64-bit words) and mapped to ``eps = k * b / 2**15``. The noise is
 therefore uniform on a lattice of 32,768 equally spaced points, symmetric
 about zero and strictly inside ``(-b, b)``; the spacing (``b / 16384``,
 3.1e-6 for ``b = 0.05``) is far below anything a forward pass in float32
@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = ["UniformNoise"]
 
 _LATTICE_HALF = 32768.0
+_LOW_BIT_OF_EACH_INT16 = 0x0001000100010001  # the same mask on little- and big-endian machines
 
 
 @dataclass
@@ -86,6 +87,8 @@ class UniformNoise:
             values = torch.empty(samples, pos, device=device, dtype=dtype)
             bits = torch.empty((samples * pos + 3) // 4, device=device, dtype=torch.int64)
             self._groups.append(_Group(device, values, bits, ranges, per_task, offsets))
+        self._views = [[self._make_views(t, j) for j in range(samples)] for t in range(len(task_params))]
+        self._stacked = [self._make_stacked(t) for t in range(len(task_params))]
         names = {id(p): n for named in task_params for n, p in named}
         self._names = [[names[id(p)] for g in self._groups for p in g.params[t]] for t in range(len(task_params))]
 
@@ -99,8 +102,8 @@ class UniformNoise:
                 continue
             words = (self.samples * width + 3) // 4
             bits = g.bits[:words].random_(-(2**63), None, generator=self.generators[g.device])
+            bits.bitwise_or_(_LOW_BIT_OF_EACH_INT16)
             lattice = bits.view(torch.int16)[: self.samples * width].view(self.samples, width)
-            lattice.bitwise_or_(1)
             pos = 0
             for a, b in ranges:
                 block = g.values[:, a:b]
@@ -108,21 +111,27 @@ class UniformNoise:
                 block.mul_(scale)
                 pos += b - a
 
-    def noise(self, task: int, sample: int) -> list[Tensor]:
-        """Views of the last draw for ``task``'s slices in ``sample`` (same order as its parameters)."""
+    def _make_views(self, task: int, sample: int) -> list[Tensor]:
         return [
             g.values[sample, off : off + p.numel()].view(p.shape)
             for g in self._groups
             for p, off in zip(g.params[task], g.offsets[task])
         ]
 
-    def stacked_noise(self, task: int) -> list[Tensor]:
-        """Views ``[samples, *shape]`` of the last draw for ``task``'s slices, for ``vmap``."""
+    def _make_stacked(self, task: int) -> list[Tensor]:
         return [
             g.values[:, off : off + p.numel()].view(self.samples, *p.shape)
             for g in self._groups
             for p, off in zip(g.params[task], g.offsets[task])
         ]
+
+    def noise(self, task: int, sample: int) -> list[Tensor]:
+        """Views of the last draw for ``task``'s slices in ``sample`` (same order as its parameters)."""
+        return self._views[task][sample]
+
+    def stacked_noise(self, task: int) -> list[Tensor]:
+        """Views ``[samples, *shape]`` of the last draw for ``task``'s slices, for ``vmap``."""
+        return self._stacked[task]
 
     def parameters(self, task: int) -> list[Tensor]:
         """``task``'s slices in the order used by :meth:`noise`."""

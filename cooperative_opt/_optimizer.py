@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import torch
@@ -54,6 +55,30 @@ def _choice(name: str, value: object, options: Sequence[object]) -> Any:
     if value not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class _NoisyPlan:
+    """Precomputed views for task ``index``'s noisy forward: which buffers get which slices added."""
+
+    tasks: list[int]  # the other tasks, whose slices are noised
+    add_to: list[Tensor]  # noise views, every other task and sample
+    add_from: list[Tensor]  # the matching slices
+    per_sample: list[dict[str, Tensor]]  # functional_call replacements per sample
+    stacked: dict[str, Tensor]  # replacements [samples, *shape] for vmap
+
+    @staticmethod
+    def build(noise: UniformNoise, index: int, tasks: int) -> _NoisyPlan:
+        others = [k for k in range(tasks) if k != index]
+        samples = range(noise.samples)
+        names = [n for k in others for n in noise.names(k)]
+        return _NoisyPlan(
+            tasks=others,
+            add_to=[v for k in others for j in samples for v in noise.noise(k, j)],
+            add_from=[p for k in others for _ in samples for p in noise.parameters(k)],
+            per_sample=[dict(zip(names, [v for k in others for v in noise.noise(k, j)])) for j in samples],
+            stacked=dict(zip(names, [v for k in others for v in noise.stacked_noise(k)])),
+        )
 
 
 class CooperativeOptimizer(torch.optim.Optimizer):
@@ -172,6 +197,8 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             g.manual_seed(self.seed)
         named = [list(zip(tp.encoder_names, tp.encoder)) for tp in self.task_params]
         self._noise = UniformNoise(named, self.samples, self._generators) if self.noise_bound is not None else None
+        self._plans = [_NoisyPlan.build(self._noise, i, len(self.tasks)) for i in range(len(self.tasks))] if (
+            self._noise is not None) else []
         self._stats = RunningStats(model)
         self._vmap_ok = True
         self._steps = 0
@@ -399,23 +426,12 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             output = self._forward(inputs, {}, self.running_stats != "frozen")
             loss = self._loss(task, output, batch)
             return loss, None, loss
-        noise = self._noise
-        others = [k for k in range(len(self.tasks)) if k != index]
-        noise.draw(others, self.noise_bound)
+        plan = self._plans[index]
+        self._noise.draw(plan.tasks, self.noise_bound)
         with torch.no_grad():
-            views = [v for k in others for j in range(self.samples) for v in noise.noise(k, j)]
-            params = [p for k in others for _ in range(self.samples) for p in noise.parameters(k)]
-            if views:
-                torch._foreach_add_(views, params)
-        names = [n for k in others for n in noise.names(k)]
-
-        def per_sample(j: int) -> dict[str, Tensor]:
-            return dict(zip(names, [v for k in others for v in noise.noise(k, j)]))
-
-        def stacked() -> dict[str, Tensor]:
-            return dict(zip(names, [v for k in others for v in noise.stacked_noise(k)]))
-
-        outputs = self._sampled_outputs(inputs, per_sample, stacked)
+            if plan.add_to:
+                torch._foreach_add_(plan.add_to, plan.add_from)  # eps + theta_k: the noisy values, off the parameters
+        outputs = self._sampled_outputs(inputs, plan.per_sample.__getitem__, lambda: plan.stacked)
         loss = torch.stack([self._loss(task, o, batch) for o in outputs]).mean()
         term: Tensor | None = None
         active = self.samples > 1 or self.consistency_reference == "clean"
