@@ -144,6 +144,38 @@ def time_pair(size: str, samples: int, repeats: int, device: torch.device, vecto
     return Timing(size, samples, 1e3 * statistics.median(tj), 1e3 * statistics.median(tc), statistics.median(ratios))
 
 
+def noise_cost(device: torch.device, numel: int = 5_600_000, repeats: int = 15) -> dict[str, float]:
+    """Median ns per parameter to draw U(-b, b) noise and add it to the parameters, three ways, side by side."""
+    from cooperative_opt._noise import UniformNoise
+
+    param = torch.randn(numel, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    noise = UniformNoise([[("p", param)], [("q", torch.zeros(0, device=device))]], 1, {device: gen})
+    view = noise.noise(0, 0)[0]
+    out = torch.empty_like(param)
+
+    def ours() -> None:
+        noise.draw([0], 0.05)
+        view.add_(param)
+
+    def rand() -> None:
+        torch.rand(numel, generator=gen, device=device, out=out)
+        out.mul_(0.1).sub_(0.05).add_(param)
+
+    def uniform() -> None:
+        out.uniform_(-0.05, 0.05, generator=gen)
+        out.add_(param)
+
+    times: dict[str, list[float]] = {"cooperative_opt": [], "torch_rand": [], "uniform_": []}
+    fns = {"cooperative_opt": ours, "torch_rand": rand, "uniform_": uniform}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, device))
+    return {name: 1e9 * statistics.median(ts) / numel for name, ts in times.items()}
+
+
 def _peak_memory_child(method: str, size: str, samples: int, device_name: str) -> None:
     """Run in a subprocess: a few steps of one method, print peak memory in MiB as JSON."""
     import resource
@@ -174,7 +206,7 @@ def peak_memory(method: str, size: str, samples: int, device: torch.device) -> f
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="small,large", help="comma list of: " + ", ".join(SIZES))
-    parser.add_argument("--samples", default="1,2,4", help="comma list of M values (M = 1 is the headline ratio)")
+    parser.add_argument("--samples", default="1,2,4", help="M values timed at the first size (M = 1 at every size)")
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per method and setting")
     parser.add_argument("--no-vmap", action="store_true", help="evaluate M > 1 samples in a loop instead of vmap")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -196,12 +228,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"resnet18, 2 tasks, {device}, {torch.get_num_threads()} threads, {args.repeats} alternating steps each")
     print("| size | M | Joint ms | MT-COOL ms | ratio (median of pairs) |")
     print("|---|---|---|---|---|")
-    for size in sizes:
-        for m in samples:
+    for index, size in enumerate(sizes):
+        for m in samples if index == 0 else [1]:
             t = time_pair(size, m, args.repeats, device, not args.no_vmap)
             results["timings"].append(t.__dict__)
             n, side = SIZES[size]
             print(f"| {size} ({n}x{side}x{side}/task) | {m} | {t.joint_ms:.1f} | {t.cooperative_ms:.1f} | {t.ratio:.3f} |")
+    noise = noise_cost(device)
+    results["noise_ns_per_parameter"] = noise
+    print(
+        f"\nnoise draw + add, ns per parameter: cooperative_opt {noise['cooperative_opt']:.2f}, "
+        f"torch.rand baseline {noise['torch_rand']:.2f}, uniform_ baseline {noise['uniform_']:.2f}"
+    )
     if not args.no_memory:
         print("\n| size | Joint peak MiB | MT-COOL (M=1) peak MiB | ratio |")
         print("|---|---|---|---|")
