@@ -272,7 +272,7 @@ def load_mnist_even_odd(data_dir: str | Path) -> dict[str, TaskData]:
 
     Example:
         >>> data = load_mnist_even_odd("~/data/mnist")  # doctest: +SKIP
-        >>> data["odd"].train_x.shape
+        >>> data["odd"].train_x.shape  # doctest: +SKIP
         torch.Size([30508, 1, 28, 28])
     """
     folder = Path(data_dir).expanduser()

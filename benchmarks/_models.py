@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["LeNetMultiTask", "LeNetSingle", "count_parameters", "lenet_encoder"]
@@ -73,6 +72,7 @@ def lenet_encoder(
             enough and ``kernel_size // 2`` otherwise.
 
     Example:
+        >>> import torch
         >>> lenet_encoder(input_size=8)(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 50])
     """
@@ -126,6 +126,7 @@ class LeNetMultiTask(nn.Module):
             :func:`lenet_encoder`.
 
     Example:
+        >>> import torch
         >>> model = LeNetMultiTask({"even": 5, "odd": 5}, input_size=8)
         >>> model(torch.zeros(3, 1, 8, 8), "odd").shape
         torch.Size([3, 5])
@@ -184,6 +185,7 @@ class LeNetSingle(nn.Module):
     times the parameters of the multi-task network.
 
     Example:
+        >>> import torch
         >>> LeNetSingle(5, input_size=8)(torch.zeros(3, 1, 8, 8)).shape
         torch.Size([3, 5])
     """
