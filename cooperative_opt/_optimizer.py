@@ -45,6 +45,30 @@ def _finite_float(name: str, value: object) -> float:
     return float(value)
 
 
+def _has_tied(model: nn.Module, replaced: Sequence[Tensor]) -> bool:
+    """Whether some slice is reachable under several names, so ``functional_call`` must tie them.
+
+    Untying costs a walk over the whole model per forward, so it is only asked for when needed.
+    torch's ``functional_call`` cannot tie through a module registered under two names.
+    """
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = [names[id(p)] for p in replaced if len(names.get(id(p), [])) > 1]
+    if not tied:
+        return False
+    seen: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen and any(True for _ in module.parameters()):
+            raise ValueError(
+                f"module {seen[id(module)]!r} is registered again as {name!r} and the model has tied slices "
+                f"{tied[:3]}; torch.func.functional_call cannot evaluate such a model correctly. Register each "
+                "module once (keep the second reference outside the module tree, e.g. in a plain attribute list)"
+            )
+        seen.setdefault(id(module), name)
+    return True
+
+
 def _clear_grads(params: Iterable[Tensor]) -> None:
     """Drop gradients, so the next task's optimizer step skips these parameters."""
     for p in params:
@@ -200,6 +224,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         self._plans = [_NoisyPlan.build(self._noise, i, len(self.tasks)) for i in range(len(self.tasks))] if (
             self._noise is not None) else []
         self._stats = RunningStats(model)
+        self._tie_weights = _has_tied(model, self._thetas)
         self._vmap_ok = True
         self._steps = 0
         self._warn_inactive_consistency()
@@ -372,7 +397,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             replacements = {**replacements, **self._stats.scratch()}
         if not replacements:
             return self.model(*inputs)
-        return functional_call(self.model, replacements, inputs)
+        return functional_call(self.model, replacements, inputs, tie_weights=self._tie_weights)
 
     def _use_vmap(self) -> bool:
         return (
@@ -412,7 +437,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         buffers = self._stats.stacked_scratch(self.samples)
 
         def forward(p: dict[str, Tensor], b: dict[str, Tensor]) -> Any:
-            return functional_call(self.model, {**p, **b}, inputs)
+            return functional_call(self.model, {**p, **b}, inputs, tie_weights=self._tie_weights)
 
         out = vmap(forward, in_dims=(0, 0), randomness="different")(params, buffers)
         if self.running_stats == "once":

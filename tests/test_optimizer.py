@@ -469,3 +469,42 @@ def test_runs_on_cuda() -> None:
     report = opt.step(batches)
     assert set(report.losses) == set(NAMES)
     assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+class TiedNet(nn.Module):
+    """An encoder whose two linear layers share one weight (tied parameters)."""
+
+    def __init__(self, alias_module: bool = False) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.encoder[2].weight = self.encoder[0].weight
+        self.heads = nn.ModuleDict({n: nn.Linear(6, 2) for n in NAMES})
+        if alias_module:
+            self.again = self.encoder  # the same module under a second name
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        return self.heads[task](self.encoder(x))
+
+
+def test_tied_slices_stay_tied_through_training() -> None:
+    model = TiedNet()
+    adapters.split_channels(model.encoder, NAMES)
+    tasks = [Task(n, loss=lambda out, b: F.cross_entropy(out, b[1]), head=model.heads[n],
+                  inputs=lambda b, n=n: (b[0], n)) for n in NAMES]
+    opt = CooperativeOptimizer(model, tasks, samples=2, consistency_reference="clean", seed=0)
+    assert opt._tie_weights
+    batches = {n: (torch.randn(8, 6), torch.randint(0, 2, (8,))) for n in NAMES}
+    for _ in range(3):
+        opt.step(batches)
+    torch.testing.assert_close(model.encoder[0].weight, model.encoder[2].weight, rtol=0, atol=0)
+    adapters.merge(model.encoder)
+    assert model.encoder[2].weight is model.encoder[0].weight
+
+
+def test_module_registered_twice_with_tied_slices_is_refused() -> None:
+    model = TiedNet(alias_module=True)
+    adapters.split_channels(model.encoder, NAMES)
+    tasks = [Task(n, loss=lambda out, b: F.cross_entropy(out, b[1]), head=model.heads[n],
+                  inputs=lambda b, n=n: (b[0], n)) for n in NAMES]
+    with pytest.raises(ValueError, match="registered again as 'again'"):
+        CooperativeOptimizer(model, tasks, variant="vanilla")
