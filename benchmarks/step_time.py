@@ -8,7 +8,10 @@ outer iteration of :class:`CooperativeOptimizer` (L = 1, M = 1, 2, 4) on the
 same per-task batches. Steps of the two methods alternate, so machine noise
 hits both alike; the printed ratio is the median over pairs of
 (MT-COOL time / Joint time). Peak memory is measured in a fresh subprocess
-per method (peak resident set size on CPU, ``max_memory_allocated`` on CUDA).
+per method: the peak resident set size of three steps on CPU (reset after
+the first step through ``/proc/self/clear_refs``), ``max_memory_allocated``
+on CUDA; also shown above the process's size after imports, which counts
+the model, the optimizer state, the anchor and the noise buffers.
 """
 
 from __future__ import annotations
@@ -176,31 +179,46 @@ def noise_cost(device: torch.device, numel: int = 5_600_000, repeats: int = 15) 
     return {name: 1e9 * statistics.median(ts) / numel for name, ts in times.items()}
 
 
-def _peak_memory_child(method: str, size: str, samples: int, device_name: str) -> None:
-    """Run in a subprocess: a few steps of one method, print peak memory in MiB as JSON."""
-    import resource
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}; peak memory on CPU needs Linux")
 
+
+def _peak_memory_child(method: str, size: str, samples: int, device_name: str) -> None:
+    """Run in a subprocess: print the peak memory (MiB) of three training steps of one method as JSON.
+
+    On CPU the peak resident set size is reset (``/proc/self/clear_refs``) after the model,
+    the optimizer and one step exist, so the figure is the peak of the steps themselves.
+    """
     device = torch.device(device_name)
+    start = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mib("VmRSS")
     torch.manual_seed(0)
     model = MultiTaskResNet().to(device)
     batches = make_batches(size, device)
     step = joint_stepper(model, batches) if method == "joint" else cooperative_stepper(model, batches, samples, True)
+    step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
     for _ in range(3):
         step()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_mib": peak}))
+        peak = _status_mib("VmHWM")
+    print(json.dumps({"peak_mib": peak, "start_mib": start}))
 
 
-def peak_memory(method: str, size: str, samples: int, device: torch.device) -> float:
-    """Peak memory (MiB) of a fresh process running a few steps of ``method``."""
+def peak_memory(method: str, size: str, samples: int, device: torch.device) -> tuple[float, float]:
+    """(peak, peak above the process's start after imports) in MiB, of a fresh process running ``method``."""
     cmd = [sys.executable, "-m", "benchmarks.step_time", "--_child", method, size, str(samples), str(device)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ}).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+    record = json.loads(out.strip().splitlines()[-1])
+    return float(record["peak_mib"]), float(record["peak_mib"] - record["start_mib"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", default="small,large", help="comma list of: " + ", ".join(SIZES))
     parser.add_argument("--samples", default="1,2,4", help="M values timed at the first size (M = 1 at every size)")
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per method and setting")
-    parser.add_argument("--no-vmap", action="store_true", help="evaluate M > 1 samples in a loop instead of vmap")
+    parser.add_argument("--no-loop", action="store_true", help="time M > 1 with vmap only (default: vmap and loop)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="results/step_time.json")
@@ -226,14 +244,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples = [int(m) for m in args.samples.split(",")]
     results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "timings": [], "memory": []}
     print(f"resnet18, 2 tasks, {device}, {torch.get_num_threads()} threads, {args.repeats} alternating steps each")
-    print("| size | M | Joint ms | MT-COOL ms | ratio (median of pairs) |")
-    print("|---|---|---|---|---|")
+    print("| size | M | samples run by | Joint ms | MT-COOL ms | ratio (median of pairs) |")
+    print("|---|---|---|---|---|---|")
     for index, size in enumerate(sizes):
         for m in samples if index == 0 else [1]:
-            t = time_pair(size, m, args.repeats, device, not args.no_vmap)
-            results["timings"].append(t.__dict__)
-            n, side = SIZES[size]
-            print(f"| {size} ({n}x{side}x{side}/task) | {m} | {t.joint_ms:.1f} | {t.cooperative_ms:.1f} | {t.ratio:.3f} |")
+            for vectorize in [True] if m == 1 or args.no_loop else [True, False]:
+                t = time_pair(size, m, args.repeats, device, vectorize)
+                results["timings"].append({**t.__dict__, "vmap": vectorize and m > 1})
+                n, side = SIZES[size]
+                how = "-" if m == 1 else ("vmap" if vectorize else "loop")
+                print(
+                    f"| {size} ({n}x{side}x{side}/task) | {m} | {how} | {t.joint_ms:.1f} | {t.cooperative_ms:.1f} "
+                    f"| {t.ratio:.3f} |"
+                )
     noise = noise_cost(device)
     results["noise_ns_per_parameter"] = noise
     print(
@@ -241,13 +264,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"torch.rand baseline {noise['torch_rand']:.2f}, uniform_ baseline {noise['uniform_']:.2f}"
     )
     if not args.no_memory:
-        print("\n| size | Joint peak MiB | MT-COOL (M=1) peak MiB | ratio |")
-        print("|---|---|---|---|")
+        print("\n| size | Joint peak MiB | MT-COOL (M=1) peak MiB | ratio | above start: Joint | MT-COOL | ratio |")
+        print("|---|---|---|---|---|---|---|")
         for size in sizes:
-            pj = peak_memory("joint", size, 1, device)
-            pc = peak_memory("cooperative", size, 1, device)
-            results["memory"].append({"size": size, "joint_mib": pj, "cooperative_mib": pc, "ratio": pc / pj})
-            print(f"| {size} | {pj:.0f} | {pc:.0f} | {pc / pj:.3f} |")
+            pj, dj = peak_memory("joint", size, 1, device)
+            pc, dc = peak_memory("cooperative", size, 1, device)
+            results["memory"].append(
+                {"size": size, "joint_mib": pj, "cooperative_mib": pc, "ratio": pc / pj,
+                 "joint_above_start_mib": dj, "cooperative_above_start_mib": dc, "above_start_ratio": dc / dj}
+            )
+            print(f"| {size} | {pj:.0f} | {pc:.0f} | {pc / pj:.3f} | {dj:.0f} | {dc:.0f} | {dc / dj:.3f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
