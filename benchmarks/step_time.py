@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import adapters
+import adapters.timm
 from cooperative_opt import CooperativeOptimizer, Task
 
 SIZES = {"small": (16, 64), "large": (32, 128)}  # images per task, side length
@@ -221,6 +222,146 @@ def peak_memory(method: str, size: str, samples: int, device: torch.device) -> t
     return float(record["peak_mib"]), float(record["peak_mib"] - record["start_mib"])
 
 
+# --------------------------------------------------------------- every method, side by side
+
+MT_COOL_SAMPLES = (1, 2, 4)
+
+
+def _classifier_problem() -> Any:
+    """Two 5-class tasks on a timm resnet18 (hard-shared for Joint), each with its own batch."""
+    from benchmarks._methods import Problem
+
+    def multi_task() -> nn.Module:
+        net = adapters.timm.multitask("resnet18", {t: CLASSES for t in TASKS})
+        adapters.merge(net.encoder)  # Joint shares plain parameters; the MT-COOL learners re-split them
+        return net
+
+    def single_task(task: str) -> nn.Module:
+        import timm
+
+        net: nn.Module = timm.create_model("resnet18", pretrained=False, num_classes=CLASSES)
+        return net
+
+    return Problem(tasks=TASKS, multi_task=multi_task, single_task=single_task,
+                   losses={t: F.cross_entropy for t in TASKS})
+
+
+def _problem_and_batches(name: str, device: torch.device) -> tuple[Any, dict[str, tuple[Tensor, Tensor]]]:
+    """The model pair and fixed batches of one ``--problems`` entry."""
+    g = torch.Generator().manual_seed(0)
+    if name == "resnet18":
+        batches = make_batches("small", device)
+        return _classifier_problem(), batches
+    if name == "unet":
+        from benchmarks import refuge
+
+        x = torch.randn(8, 3, 64, 64, generator=g).to(device)  # one image batch shared by both tasks
+        masks = torch.randint(0, refuge.REFUGE_CLASSES, (8, 64, 64), generator=g).to(device)
+        labels = torch.randint(0, 2, (8,), generator=g).to(device)
+        return refuge.problem(), {"disc_cup": (x, masks), "glaucoma": (x, labels)}
+    raise ValueError(f"--problems: unknown {name!r}; choose from resnet18, unet")
+
+
+def _learners(problem: Any, device: torch.device) -> dict[str, Any]:
+    """Every method's learner on ``problem``, MT-COOL at each M of :data:`MT_COOL_SAMPLES`."""
+    from benchmarks._methods import METHODS, Training, build_learner
+
+    learners: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for method in METHODS:
+            if method == "mt_cool":
+                for m in MT_COOL_SAMPLES:
+                    learners[f"mt_cool (M={m})"] = build_learner(
+                        method, problem, Training(lr=1e-3, samples=m, device=str(device)))
+            else:
+                learners[method] = build_learner(method, problem, Training(lr=1e-3, device=str(device)))
+    return learners
+
+
+def method_table(problem_name: str, repeats: int, device: torch.device) -> list[dict[str, Any]]:
+    """Median time per step of every method and its median per-round ratio to Joint, side by side."""
+    problem, batches = _problem_and_batches(problem_name, device)
+    learners = _learners(problem, device)
+    for learner in learners.values():
+        learner.train_step(batches)  # lazy initialisation, allocator warm-up
+    times: dict[str, list[float]] = {name: [] for name in learners}
+    names = list(learners)
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:  # rotate the order: drift hits every method alike
+            times[name].append(_timed(lambda: learners[name].train_step(batches), device))
+    rows = []
+    for name in names:
+        ratios = [t / j for t, j in zip(times[name], times["joint"])]
+        rows.append({"problem": problem_name, "method": name, "ms": 1e3 * statistics.median(times[name]),
+                     "ratio_to_joint": statistics.median(ratios),
+                     "parameters": learners[name].num_parameters,
+                     "parameter_ratio": learners[name].num_parameters / learners["joint"].num_parameters})
+    return rows
+
+
+def _method_peak_child(problem_name: str, method: str, device_name: str) -> None:
+    """Subprocess: peak memory (MiB) of three steps of one method, as JSON (see :func:`_peak_memory_child`)."""
+    device = torch.device(device_name)
+    problem, batches = _problem_and_batches(problem_name, device)
+    learners = _learners_for(problem, method, device)
+    learner = learners[method]
+    learner.train_step(batches)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(3):
+        learner.train_step(batches)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mib("VmHWM")
+    print(json.dumps({"peak_mib": peak}))
+
+
+def _learners_for(problem: Any, method: str, device: torch.device) -> dict[str, Any]:
+    from benchmarks._methods import Training, build_learner
+
+    base, _, m = method.partition(" (M=")
+    samples = int(m.rstrip(")")) if m else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return {method: build_learner(base, problem, Training(lr=1e-3, samples=samples, device=str(device)))}
+
+
+def method_peak_memory(problem_name: str, method: str, device: torch.device) -> float:
+    """Peak memory (MiB) of three steps of ``method`` in a fresh process."""
+    cmd = [sys.executable, "-m", "benchmarks.step_time", "--_method_child", problem_name, method, str(device)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+
+
+def print_method_tables(problems: list[str], repeats: int, device: torch.device, memory: bool) -> list[dict[str, Any]]:
+    """Run :func:`method_table` (and peak memory) for each problem and print one markdown table each."""
+    rows: list[dict[str, Any]] = []
+    for problem_name in problems:
+        table = method_table(problem_name, repeats, device)
+        if memory:
+            joint_peak = method_peak_memory(problem_name, "joint", device)
+            for row in table:
+                row["peak_mib"] = joint_peak if row["method"] == "joint" else method_peak_memory(
+                    problem_name, row["method"], device)
+                row["peak_ratio_to_joint"] = row["peak_mib"] / joint_peak
+        by_name = {row["method"]: row for row in table}
+        print(f"\n{problem_name}: every method on the same model and batches, {repeats} rotating rounds")
+        print("| method | params (x Joint) | ms / step | time (x Joint) | peak MiB | memory (x Joint) |")
+        print("|---|---|---|---|---|---|")
+        for row in table:
+            peak = f"{row['peak_mib']:.0f} | {row['peak_ratio_to_joint']:.2f}" if memory else "- | -"
+            print(f"| {row['method']} | {row['parameter_ratio']:.2f} | {row['ms']:.0f} | "
+                  f"{row['ratio_to_joint']:.2f} | {peak} |")
+        mt = by_name["mt_cool (M=1)"]
+        for rival in ("pcgrad", "mgda"):
+            share = mt["ms"] / by_name[rival]["ms"]
+            print(f"MT-COOL (M=1) step / {rival} step: {share:.2f} (target <= 0.55)")
+        rows += table
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="small,large", help="comma list of: " + ", ".join(SIZES))
@@ -230,8 +371,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="results/step_time.json")
+    parser.add_argument("--methods", action="store_true",
+                        help="also time every method of benchmarks._methods side by side (issue 4's table)")
+    parser.add_argument("--problems", default="resnet18,unet", help="with --methods: resnet18 and/or unet")
     parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--_method_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._method_child:
+        _method_peak_child(*args._method_child)
+        return {}
     if args._child:
         method, size, samples, device_name = args._child
         _peak_memory_child(method, size, int(samples), device_name)
@@ -274,6 +422,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "joint_above_start_mib": dj, "cooperative_above_start_mib": dc, "above_start_ratio": dc / dj}
             )
             print(f"| {size} | {pj:.0f} | {pc:.0f} | {pc / pj:.3f} | {dj:.0f} | {dc:.0f} | {dc / dj:.3f} |")
+    if args.methods:
+        problems = [p for p in args.problems.split(",") if p]
+        results["methods"] = print_method_tables(problems, args.repeats, device, not args.no_memory)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
