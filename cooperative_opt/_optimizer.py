@@ -231,11 +231,13 @@ class CooperativeOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- set-up
 
-    @staticmethod
-    def _bound(name: str, value: float | None, bound: float, enabled: bool) -> float | None:
+    def _bound(self, name: str, value: float | None, bound: float, enabled: bool) -> float | None:
         if not enabled:
             if value is not None:
-                raise ValueError(f"{name}={value} conflicts with this variant, which has that component off")
+                raise ValueError(
+                    f"{name}={value} conflicts with variant={self.variant!r}, which has no "
+                    f"{name.removesuffix('_bound')}; drop {name} or choose another variant"
+                )
             return None
         b = _finite_float(name if value is not None else "bound", value if value is not None else bound)
         if b <= 0:

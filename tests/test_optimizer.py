@@ -183,7 +183,7 @@ def test_bad_tasks_and_ownership_errors() -> None:
         (dict(inner_steps=0), ValueError, "inner_steps must be >= 1"),
         (dict(consistency_weight=-0.1), ValueError, "consistency_weight must be >= 0"),
         (dict(variant="sam"), ValueError, "variant must be one of"),
-        (dict(variant="vanilla", clamp_bound=0.1), ValueError, "conflicts with this variant"),
+        (dict(variant="vanilla", clamp_bound=0.1), ValueError, "conflicts with variant='vanilla', which has no clamp"),
         (dict(variant="without_reg", consistency_weight=1.0), ValueError, "conflicts with variant='without_reg'"),
         (dict(consistency_reference="median"), ValueError, "consistency_reference must be one of"),
         (dict(running_stats="sometimes"), ValueError, "running_stats must be one of"),
