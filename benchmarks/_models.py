@@ -173,8 +173,14 @@ class LeNetMultiTask(nn.Module):
         if task not in self.heads:
             raise ValueError(f"task={task!r} is not one of this model's tasks {self.tasks}")
         _check_input(x, self.in_channels, self.input_size)
+        return self.head_forward(self.encoder(x), task)
+
+    def head_forward(self, features: Tensor, task: str) -> Tensor:
+        """Logits of ``task`` from encoder features ``[N, hidden]`` (the gradient methods' split point)."""
+        if task not in self.heads:
+            raise ValueError(f"task={task!r} is not one of this model's tasks {self.tasks}")
         head: nn.Module = self.heads[task]
-        logits: Tensor = head(self.encoder(x))
+        logits: Tensor = head(features)
         return logits
 
 

@@ -1,4 +1,4 @@
-"""Even/odd digit benchmark: MT-COOL and its ablations against Independent and Joint.
+"""Even/odd digit benchmark: MT-COOL and its ablations against every baseline of the paper's Table 1.
 
 This reproduces the setting of the MT-COOL paper's Table 1 (see
 ``ALGORITHM.md`` sections 5-7) on data that needs no download: Task "even"
@@ -11,6 +11,9 @@ number of steps, per-seed initialisation and per-seed data order):
 
 - ``independent``: one :class:`LeNetSingle` per task, each trained on its own task.
 - ``joint``: one :class:`LeNetMultiTask`, loss = sum of the task losses, plain SGD.
+- ``pcgrad``, ``mgda``, ``cagrad``, ``graddrop``: the Joint network with the
+  encoder's per-task gradients combined by ``torchjd``'s aggregators
+  (:mod:`benchmarks._methods`).
 - ``vanilla``, ``without_reg``, ``mt_cool``: :class:`cooperative_opt.CooperativeOptimizer`
   on the channel-split :class:`LeNetMultiTask` with the matching ``variant``
   (the three ablations of the paper's Table 1).
@@ -33,18 +36,16 @@ accuracy curves).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final
 
 import torch
 import torch.nn.functional as F
@@ -53,31 +54,28 @@ from torch import Tensor
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from benchmarks._data import NUM_CLASSES, TaskData, load_digits_even_odd, load_mnist_even_odd
-from benchmarks._models import LeNetMultiTask, LeNetSingle, count_parameters
+from benchmarks._methods import (
+    COOPERATIVE_METHODS,
+    METHODS,
+    Learner,
+    Problem,
+    Training,
+    build_learner,
+    check_methods_available,
+    count_parameters,
+)
+from benchmarks._models import LeNetMultiTask, LeNetSingle
 
 __all__ = ["METHODS", "BenchmarkConfig", "main", "parse_args", "run_benchmark"]
 
-METHODS: Final[tuple[str, ...]] = ("independent", "joint", "vanilla", "without_reg", "mt_cool", "mt_cool_clean")
-"""Every method this benchmark knows, in the order they are run and reported."""
-
-_Variant = Literal["vanilla", "without_reg", "mt_cool"]
-_Reference = Literal["mean", "clean"]
-
-COOPERATIVE_METHODS: Final[tuple[tuple[str, _Variant, _Reference], ...]] = (
-    ("vanilla", "vanilla", "mean"),
-    ("without_reg", "without_reg", "mean"),
-    ("mt_cool", "mt_cool", "mean"),
-    ("mt_cool_clean", "mt_cool", "clean"),
-)
-"""Methods trained with ``CooperativeOptimizer``: (method, ``variant``, ``consistency_reference``).
+_COOPERATIVE_NAMES: Final[frozenset[str]] = frozenset(COOPERATIVE_METHODS)
+"""Methods trained with ``CooperativeOptimizer`` (they have a warm-up).
 
 ``mt_cool`` is the paper's formula (consistency against the mean of the M noisy
 predictions, identically zero at M = 1); ``mt_cool_clean`` measures it against
 the noise-free prediction instead, which keeps it active at M = 1
 (ALGORITHM.md section 4 asks the benchmarks to report both).
 """
-
-_COOPERATIVE_NAMES: Final[frozenset[str]] = frozenset(method for method, _, _ in COOPERATIVE_METHODS)
 
 _DEFAULTS: Final[tuple[tuple[str, Any], ...]] = (
     ("seeds", 5),
@@ -197,8 +195,8 @@ def _build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m benchmarks.even_odd``."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.even_odd",
-        description="Compare Independent, Joint and MT-COOL (vanilla / without_reg / mt_cool / mt_cool_clean) "
-        "on the even/odd digit tasks of the MT-COOL paper's Table 1.",
+        description="Compare Independent, Joint, PCGrad, MGDA, CAGrad, GradDrop and MT-COOL "
+        "(vanilla / without_reg / mt_cool / mt_cool_clean) on the even/odd digit tasks of the MT-COOL paper's Table 1.",
     )
     add = parser.add_argument
     add("--seeds", type=_positive_int, default=None, help="number of seeds 0..N-1 (default 5; --quick: 1)")
@@ -330,24 +328,6 @@ def _batch_schedule(
 # Methods
 
 
-class _Learner(Protocol):
-    """What the training loop needs from a method: one step, predictions, a size."""
-
-    num_parameters: int
-
-    def train_step(self, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
-        """Update on one batch per task; return each task's training loss."""
-        ...
-
-    def logits(self, x: Tensor, task: str) -> Tensor:
-        """Predictions of ``task`` on ``x`` (called under ``torch.no_grad``)."""
-        ...
-
-    def train(self, mode: bool) -> None:
-        """Switch the underlying modules between training and evaluation mode."""
-        ...
-
-
 @dataclass(frozen=True)
 class _ModelSpec:
     """Constructor arguments shared by every network in one run."""
@@ -369,165 +349,35 @@ class _ModelSpec:
         """A fresh single-task LeNet for ``task``."""
         return LeNetSingle(self.num_classes[task], input_size=self.input_size)
 
-
-class _IndependentLearner:
-    """Independent baseline: one :class:`LeNetSingle` and one SGD per task."""
-
-    def __init__(self, spec: _ModelSpec, config: BenchmarkConfig) -> None:
-        self.models = {task: spec.single_task(task).to(config.device) for task in spec.num_classes}
-        self.optimizers = {
-            task: torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-            for task, model in self.models.items()
-        }
-        self.num_parameters = sum(count_parameters(model) for model in self.models.values())
-
-    def train_step(self, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
-        losses: dict[str, float] = {}
-        for task, (x, y) in batches.items():
-            optimizer = self.optimizers[task]
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.models[task](x), y)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            losses[task] = loss.item()
-        return losses
-
-    def logits(self, x: Tensor, task: str) -> Tensor:
-        logits: Tensor = self.models[task](x)
-        return logits
-
-    def train(self, mode: bool) -> None:
-        for model in self.models.values():
-            model.train(mode)
+    def problem(self) -> Problem:
+        """The networks and losses every method trains (see :mod:`benchmarks._methods`)."""
+        return Problem(
+            tasks=tuple(self.num_classes),
+            multi_task=self.multi_task,
+            single_task=self.single_task,
+            losses=dict.fromkeys(self.num_classes, _cross_entropy),
+        )
 
 
-class _JointLearner:
-    """Joint baseline: hard-shared :class:`LeNetMultiTask`, loss = sum of task losses, SGD."""
-
-    def __init__(self, spec: _ModelSpec, config: BenchmarkConfig) -> None:
-        self.model = spec.multi_task().to(config.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum)
-        self.num_parameters = count_parameters(self.model)
-
-    def train_step(self, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = {task: F.cross_entropy(self.model(x, task), y) for task, (x, y) in batches.items()}
-        torch.stack(list(losses.values())).sum().backward()  # type: ignore[no-untyped-call]
-        self.optimizer.step()
-        return {task: loss.item() for task, loss in losses.items()}
-
-    def logits(self, x: Tensor, task: str) -> Tensor:
-        logits: Tensor = self.model(x, task)
-        return logits
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
+def _cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Every task's loss: cross-entropy of its logits."""
+    return F.cross_entropy(logits, target)
 
 
-def _task_loss(output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """MT-COOL task loss: cross-entropy of the task's logits against ``batch[1]``."""
-    return F.cross_entropy(output, batch[1])
-
-
-def _task_inputs(batch: tuple[Tensor, Tensor], task: str) -> tuple[Tensor, str]:
-    """MT-COOL task inputs: ``model(x, task)`` for ``batch = (x, y)``."""
-    return (batch[0], task)
-
-
-def _missing_core_message(error: ImportError) -> str:
-    """Explain how to proceed when ``cooperative_opt`` / ``adapters`` cannot be imported."""
-    return (
-        f"methods {sorted(_COOPERATIVE_NAMES)} need the cooperative_opt and adapters packages, "
-        f"which failed to import ({error}); install the project (pip install -e .) or run only "
-        f"--methods independent,joint"
+def _training(config: BenchmarkConfig, seed: int, warmup_steps: int) -> Training:
+    """The method-independent training settings of one seed."""
+    return Training(
+        optimizer="sgd",
+        lr=config.lr,
+        momentum=config.momentum,
+        bound=config.bound,
+        samples=config.samples,
+        inner_steps=config.inner_steps,
+        consistency_weight=config.consistency_weight,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        device=config.device,
     )
-
-
-class _CooperativeLearner:
-    """MT-COOL (one of its ablations): channel-split :class:`LeNetMultiTask` + ``CooperativeOptimizer``."""
-
-    def __init__(
-        self,
-        spec: _ModelSpec,
-        config: BenchmarkConfig,
-        variant: _Variant,
-        consistency_reference: _Reference,
-        seed: int,
-        warmup_steps: int,
-    ) -> None:
-        try:
-            import adapters
-            from cooperative_opt import CooperativeOptimizer, Task
-        except ImportError as error:
-            raise RuntimeError(_missing_core_message(error)) from error
-        self.model = spec.multi_task().to(config.device)
-        task_names = self.model.tasks
-        adapters.split_channels(self.model.encoder, task_names)
-        tasks = [
-            Task(
-                name,
-                loss=_task_loss,
-                head=self.model.heads[name],
-                inputs=functools.partial(_task_inputs, task=name),
-            )
-            for name in task_names
-        ]
-        with warnings.catch_warnings():
-            # mt_cool at samples=1 runs the paper's formula on purpose (its consistency term is
-            # identically zero there); mt_cool_clean is the active alternative, reported beside it.
-            warnings.filterwarnings("ignore", message=r".*identically zero", category=UserWarning)
-            self.optimizer = CooperativeOptimizer(
-                self.model,
-                tasks,
-                torch.optim.SGD,
-                lr=config.lr,
-                momentum=config.momentum,
-                variant=variant,
-                consistency_reference=consistency_reference,
-                consistency_weight=config.consistency_weight,
-                bound=config.bound,
-                samples=config.samples,
-                inner_steps=config.inner_steps,
-                warmup_steps=warmup_steps,
-                seed=seed,
-            )
-        self.num_parameters = count_parameters(self.model)
-
-    def train_step(self, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
-        report = self.optimizer.step(dict(batches))
-        # A task skipped for a non-finite loss has no entry; record it as NaN.
-        return {task: float(report.losses.get(task, math.nan)) for task in batches}
-
-    def logits(self, x: Tensor, task: str) -> Tensor:
-        logits: Tensor = self.model(x, task)
-        return logits
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
-
-
-def _build_learner(method: str, spec: _ModelSpec, config: BenchmarkConfig, seed: int, warmup_steps: int) -> _Learner:
-    """Seed the global torch RNG with ``seed`` and build ``method``'s networks and optimizer."""
-    torch.manual_seed(seed)
-    if method == "independent":
-        return _IndependentLearner(spec, config)
-    if method == "joint":
-        return _JointLearner(spec, config)
-    for name, variant, reference in COOPERATIVE_METHODS:
-        if method == name:
-            return _CooperativeLearner(spec, config, variant, reference, seed, warmup_steps)
-    raise ValueError(f"method={method!r} is unknown; choose from {METHODS}")
-
-
-def _check_core_importable(methods: Sequence[str]) -> None:
-    """Fail before any training when a cooperative method is asked for but the core is missing."""
-    if not _COOPERATIVE_NAMES & set(methods):
-        return
-    try:
-        import adapters  # noqa: F401
-        import cooperative_opt  # noqa: F401
-    except ImportError as error:
-        raise RuntimeError(_missing_core_message(error)) from error
 
 
 # ---------------------------------------------------------------------------
@@ -535,16 +385,16 @@ def _check_core_importable(methods: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def _accuracy(learner: _Learner, x: Tensor, y: Tensor, task: str) -> float:
+def _accuracy(learner: Learner, x: Tensor, y: Tensor, task: str) -> float:
     """Fraction of ``x`` that ``learner`` classifies correctly for ``task``."""
     correct = 0
     for start in range(0, x.shape[0], _EVAL_BATCH):
-        logits = learner.logits(x[start : start + _EVAL_BATCH], task)
+        logits = learner.predict(x[start : start + _EVAL_BATCH], task)
         correct += int((logits.argmax(dim=1) == y[start : start + _EVAL_BATCH]).sum().item())
     return correct / max(x.shape[0], 1)
 
 
-def _evaluate(learner: _Learner, data: Mapping[str, TaskData]) -> dict[str, float]:
+def _evaluate(learner: Learner, data: Mapping[str, TaskData]) -> dict[str, float]:
     """Test accuracy of every task, in evaluation mode."""
     learner.train(False)
     try:
@@ -554,7 +404,7 @@ def _evaluate(learner: _Learner, data: Mapping[str, TaskData]) -> dict[str, floa
 
 
 def _train_epoch(
-    learner: _Learner, data: Mapping[str, TaskData], schedule: Mapping[str, Tensor], epoch: int, steps: int
+    learner: Learner, data: Mapping[str, TaskData], schedule: Mapping[str, Tensor], epoch: int, steps: int
 ) -> dict[str, float]:
     """Run one epoch of ``steps`` steps; return each task's mean training loss."""
     totals = dict.fromkeys(data, 0.0)
@@ -573,7 +423,7 @@ def _run(
     warmup_steps = config.warmup_epochs * steps
     spec = _ModelSpec.for_data(data)
     started = time.perf_counter()
-    learner = _build_learner(method, spec, config, seed, warmup_steps)
+    learner = build_learner(method, spec.problem(), _training(config, seed, warmup_steps))
     learner.train(True)
     train_loss: dict[str, list[float]] = {task: [] for task in data}
     test_accuracy: dict[str, list[float]] = {task: [] for task in data}
@@ -717,7 +567,7 @@ def _finite(value: Any) -> Any:
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """Train every method on every seed and return the results (what ``main`` writes as JSON)."""
-    _check_core_importable(config.methods)
+    check_methods_available(config.methods)
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in config.methods}
     joint_parameters = 0
@@ -768,7 +618,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     Example:
         >>> results = main(["--quick", "--out-dir", "/tmp/even_odd"])  # doctest: +SKIP
         >>> list(results["methods"])  # doctest: +SKIP
-        ['independent', 'joint', 'vanilla', 'without_reg', 'mt_cool', 'mt_cool_clean']
+        ['independent', 'joint', 'pcgrad', 'mgda', 'cagrad', 'graddrop', 'vanilla', 'without_reg', 'mt_cool', 'mt_cool_clean']
     """
     config = parse_args(argv)
     results = _finite(run_benchmark(config))

@@ -294,6 +294,28 @@ def test_batch_size_larger_than_a_task_is_rejected(tmp_path: Path) -> None:
 
 def test_parse_args_orders_methods_and_rejects_unknown_ones(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse_args(["--methods", "mt_cool,joint"]).methods == ("joint", "mt_cool")
+    assert parse_args(["--methods", "graddrop,pcgrad,joint"]).methods == ("joint", "pcgrad", "graddrop")
     with pytest.raises(SystemExit):
-        parse_args(["--methods", "joint,pcgrad"])
-    assert "unknown method(s) ['pcgrad']" in capsys.readouterr().err
+        parse_args(["--methods", "joint,sam"])
+    assert "unknown method(s) ['sam']" in capsys.readouterr().err
+
+
+def test_every_paper_method_is_run_by_default() -> None:
+    assert METHODS == (
+        "independent", "joint", "pcgrad", "mgda", "cagrad", "graddrop",
+        "vanilla", "without_reg", "mt_cool", "mt_cool_clean",
+    )
+    assert parse_args([]).methods == METHODS and len(parse_args([]).seeds) == 5
+
+
+def test_gradient_methods_train_the_joint_network_differently(tmp_path: Path) -> None:
+    results = main(["--quick", "--methods", "joint,pcgrad,mgda,cagrad,graddrop", "--out-dir", str(tmp_path),
+                    "--no-progress"])
+    joint = results["methods"]["joint"]["runs"][0]["curves"]["train_loss"]
+    for method in ("mgda", "cagrad", "graddrop"):
+        run = results["methods"][method]["runs"][0]
+        assert run["curves"]["train_loss"] != joint, method
+        assert run["warmup_steps"] == 0
+    for method in ("pcgrad", "mgda", "cagrad", "graddrop"):
+        losses = results["methods"][method]["runs"][0]["curves"]["train_loss"]
+        assert all(curve[-1] < curve[0] for curve in losses.values()), (method, losses)  # they learn

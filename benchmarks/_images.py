@@ -1,0 +1,152 @@
+"""Image data shared by the segmentation benchmarks: one image, one target per task.
+
+:class:`ImageTasks` holds a train and a test split of images ``[N, 3, H, W]``
+(float in ``[0, 1]``) and, per task, targets indexed like the images (masks
+``[N, H, W]`` int64, or labels ``[N]`` int64). The file helpers read the real
+datasets' images and masks with Pillow, nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["IMAGE_SUFFIXES", "ImageTasks", "find_file", "images_in", "read_image", "split_indices", "to_tensor"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+"""File suffixes the real-layout loaders accept (any case)."""
+
+
+@dataclass(frozen=True)
+class ImageTasks:
+    """Images shared by every task and one target tensor per task, for a train and a test split.
+
+    Attributes:
+        train_x: ``[N, 3, H, W]`` float32 images in ``[0, 1]``.
+        train_y: ``{task: targets}`` with ``targets.shape[0] == N`` (int64).
+        test_x: ``[M, 3, H, W]`` float32 images in ``[0, 1]``.
+        test_y: ``{task: targets}`` with ``targets.shape[0] == M`` (int64).
+        source: ``"synthetic"`` or the folder the images came from.
+    """
+
+    train_x: Tensor
+    train_y: Mapping[str, Tensor]
+    test_x: Tensor
+    test_y: Mapping[str, Tensor]
+    source: str
+
+    def __post_init__(self) -> None:
+        for split, x, targets in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.ndim != 4 or x.shape[1] != 3:
+                raise ValueError(f"{split}_x must be [N, 3, H, W] images, got shape {tuple(x.shape)}")
+            for task, y in targets.items():
+                if y.shape[0] != x.shape[0]:
+                    raise ValueError(
+                        f"{split}_y[{task!r}] has {y.shape[0]} entries for {x.shape[0]} images; "
+                        "every task needs one target per image"
+                    )
+
+    def to(self, device: str) -> ImageTasks:
+        """A copy with every tensor on ``device``."""
+        return ImageTasks(
+            self.train_x.to(device),
+            {task: y.to(device) for task, y in self.train_y.items()},
+            self.test_x.to(device),
+            {task: y.to(device) for task, y in self.test_y.items()},
+            self.source,
+        )
+
+    def select(self, train: Tensor | None, test: Tensor | None) -> ImageTasks:
+        """A copy keeping the given train / test indices (``None`` keeps a split whole)."""
+
+        def pick(x: Tensor, ys: Mapping[str, Tensor], index: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+            if index is None:
+                return x, dict(ys)
+            return x[index], {task: y[index] for task, y in ys.items()}
+
+        train_x, train_y = pick(self.train_x, self.train_y, train)
+        test_x, test_y = pick(self.test_x, self.test_y, test)
+        return ImageTasks(train_x, train_y, test_x, test_y, self.source)
+
+
+def to_tensor(image: Image.Image, size: int, *, mask: bool = False) -> Tensor:
+    """A Pillow image resized to ``size x size``: ``[3, S, S]`` float in [0, 1], or ``[S, S]`` uint8 for masks.
+
+    Masks are resized with nearest-neighbour sampling, so their values stay labels.
+    """
+    if mask:
+        resized = image.resize((size, size), Image.Resampling.NEAREST)
+        array: npt.NDArray[np.uint8] = np.asarray(resized, dtype=np.uint8)
+        return torch.from_numpy(array.copy())
+    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open ``path`` with Pillow and load it, with an error naming the file when it is not an image."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot be read as an image ({error}); check the file is not truncated") from None
+
+
+def find_file(folder: Path, stem: str, what: str) -> Path:
+    """The file in ``folder`` named ``stem`` with an image suffix (any case).
+
+    Raises:
+        FileNotFoundError: naming ``what``, the folder and the stem.
+    """
+    if folder.is_dir():
+        for candidate in sorted(folder.iterdir()):
+            if candidate.stem == stem and candidate.suffix.lower() in IMAGE_SUFFIXES:
+                return candidate
+    raise FileNotFoundError(
+        f"{what} for {stem!r} not found: expected {folder}/{stem}<{'|'.join(IMAGE_SUFFIXES)}>"
+    )
+
+
+def images_in(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def split_indices(count: int, test_fraction: float, seed: int, strata: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """A seeded train/test split of ``range(count)``, stratified by ``strata`` when given.
+
+    Every stratum with at least two members contributes at least one example to
+    each split. Returns ``(train_indices, test_indices)``, both sorted int64.
+
+    Raises:
+        ValueError: when ``test_fraction`` is not in (0, 1) or ``count < 2``.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), e.g. 0.25; got {test_fraction!r}")
+    if count < 2:
+        raise ValueError(f"need at least 2 examples to split into train and test, got {count}")
+    groups = [0] * count if strata is None else list(strata)
+    if len(groups) != count:
+        raise ValueError(f"strata has {len(groups)} entries for {count} examples")
+    generator = torch.Generator().manual_seed(seed)
+    train: list[int] = []
+    test: list[int] = []
+    for value in sorted(set(groups)):
+        members = torch.tensor([i for i, g in enumerate(groups) if g == value], dtype=torch.int64)
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        n_test = round(members.numel() * test_fraction)
+        if members.numel() >= 2:
+            n_test = min(max(n_test, 1), members.numel() - 1)
+        test.extend(members[:n_test].tolist())
+        train.extend(members[n_test:].tolist())
+    return torch.tensor(sorted(train), dtype=torch.int64), torch.tensor(sorted(test), dtype=torch.int64)

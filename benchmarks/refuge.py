@@ -1,0 +1,273 @@
+"""REFUGE-style benchmark: optic disc/cup segmentation + glaucoma classification on one image.
+
+This mirrors the MT-COOL paper's Table 2 (REFUGE2018) with every method of
+:mod:`benchmarks._methods` (Independent, Joint, PCGrad, MGDA, CAGrad, GradDrop,
+MT-COOL's ablations). The network is an smp UNet with a resnet18 encoder
+(``encoder_weights=None``: nothing is downloaded), made multi-task by
+``adapters.smp.multitask``:
+
+- ``disc_cup`` (3 classes: background, disc rim, cup) keeps the UNet decoder;
+- ``glaucoma`` (2 classes) is an :class:`adapters.FedClassifier` reading the
+  deepest encoder features and the segmentation prediction, as in the paper
+  ("the output of segmentation and the features from the bottom layers are
+  taken as the input of the decoder for classification").
+
+Joint and the gradient methods train this network with a hard-shared
+(unsplit) encoder; MT-COOL splits the encoder's channels between the two
+tasks. Independent trains a full UNet for ``disc_cup`` and a resnet18 encoder
+with smp's classification head for ``glaucoma``. The UNet decoder is slimmed
+(:data:`DECODER_CHANNELS`, 64-32-16-16-8) so the default run fits a 2-core
+CPU; it is the same for every method.
+
+Losses: cross-entropy per pixel for ``disc_cup``; class-weighted
+cross-entropy for ``glaucoma`` (weights 1 and 9, the inverse of REFUGE's 1:9
+imbalance, so the 0.5 threshold of sensitivity/specificity is meaningful).
+
+Metrics (``torchmetrics``, on the test split after the last epoch): Dice of
+the cup and of the disc (per image, averaged), accuracy, AUROC, sensitivity
+and specificity of the glaucoma prediction (probability threshold 0.5).
+
+Data: by default the documented synthetic generator of
+:mod:`benchmarks._fundus` (no download; each seed draws its own images);
+``--data-dir`` reads the real REFUGE2018 training release (layout in
+:data:`benchmarks._fundus.LAYOUT`, disc crops, seeded stratified split).
+
+Run ``python -m benchmarks.refuge --help``. Outputs in ``--out-dir``:
+``refuge.json`` (configuration, seeds, per-seed metrics, curves), ``refuge.png``
+(bar charts), ``refuge_curves.png`` and ``refuge_samples.png`` (predictions
+per method, like the paper's Fig. 2).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks import _scenario
+from benchmarks._fundus import LAYOUT, REFUGE_CLASSES, TASKS, load_refuge, synthetic_refuge
+from benchmarks._images import ImageTasks
+from benchmarks._methods import Problem
+from benchmarks._scenario import Metric, Scenario, ScenarioConfig
+
+__all__ = ["SCENARIO", "evaluate", "main", "problem"]
+
+DECODER_CHANNELS: Final[tuple[int, ...]] = (64, 32, 16, 16, 8)
+"""UNet decoder widths used by every method (smp's default is 256, 128, 64, 32, 16)."""
+
+GLAUCOMA_WEIGHTS: Final[tuple[float, float]] = (1.0, 9.0)
+"""Class weights of the glaucoma cross-entropy: the inverse of the 1:9 class ratio."""
+
+_METRICS: Final[tuple[Metric, ...]] = (
+    Metric("dice_cup", "Dice cup (%)"),
+    Metric("dice_disc", "Dice disc (%)"),
+    Metric("accuracy", "Acc (%)"),
+    Metric("auroc", "AUROC", percent=False),
+    Metric("sensitivity", "Sen (%)"),
+    Metric("specificity", "Spe (%)"),
+)
+
+
+def _smp() -> Any:
+    try:
+        import segmentation_models_pytorch as smp  # type: ignore[import-untyped]
+    except ImportError as error:
+        raise RuntimeError(
+            f"benchmarks.refuge needs segmentation-models-pytorch ({error}); pip install -e '.[bench]'"
+        ) from error
+    return smp
+
+
+def _unet(classes: int) -> nn.Module:
+    unet: nn.Module = _smp().Unet(
+        "resnet18", encoder_weights=None, classes=classes, decoder_channels=DECODER_CHANNELS
+    )
+    return unet
+
+
+class EncoderClassifier(nn.Module):
+    """Independent's glaucoma network: a resnet18 smp encoder and smp's classification head."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        smp = _smp()
+        self.encoder = smp.encoders.get_encoder("resnet18", weights=None)
+        self.head = smp.base.ClassificationHead(self.encoder.out_channels[-1], classes, dropout=0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits: Tensor = self.head(self.encoder(x)[-1])
+        return logits
+
+
+def _multi_task() -> nn.Module:
+    """The hard-shared REFUGE network (unsplit encoder): UNet for disc_cup, FedClassifier for glaucoma."""
+    import adapters
+    import adapters.smp
+    from adapters import Classification
+
+    net = adapters.smp.multitask(
+        _unet(REFUGE_CLASSES), {"disc_cup": REFUGE_CLASSES, "glaucoma": Classification(2, fed_by="disc_cup")}
+    )
+    adapters.merge(net.encoder)  # Joint shares plain parameters; MT-COOL re-splits them
+    return net
+
+
+def _single_task(task: str) -> nn.Module:
+    if task == "disc_cup":
+        return _unet(REFUGE_CLASSES)
+    if task == "glaucoma":
+        return EncoderClassifier(2)
+    raise ValueError(f"task={task!r} is not one of {TASKS}")
+
+
+def _segmentation_loss(logits: Tensor, mask: Tensor) -> Tensor:
+    return F.cross_entropy(logits, mask)
+
+
+def _glaucoma_loss(logits: Tensor, label: Tensor) -> Tensor:
+    return F.cross_entropy(logits, label, weight=torch.tensor(GLAUCOMA_WEIGHTS, device=logits.device))
+
+
+def problem(config: ScenarioConfig | None = None) -> Problem:
+    """The REFUGE networks and losses (the same for every configuration)."""
+    return Problem(
+        tasks=TASKS,
+        multi_task=_multi_task,
+        single_task=_single_task,
+        losses={"disc_cup": _segmentation_loss, "glaucoma": _glaucoma_loss},
+    )
+
+
+def _load(config: ScenarioConfig, seed: int) -> ImageTasks:
+    if config.data_dir is None:
+        return synthetic_refuge(config.train_size or 1, config.test_size or 1, config.image_size, seed=seed)
+    data = load_refuge(config.data_dir, config.image_size, test_fraction=config.test_fraction, seed=seed)
+    train = None if config.train_size is None else torch.arange(min(config.train_size, data.train_x.shape[0]))
+    test = None if config.test_size is None else torch.arange(min(config.test_size, data.test_x.shape[0]))
+    return data.select(train, test)
+
+
+def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, float]:
+    """REFUGE metrics with torchmetrics: Dice (cup, disc), accuracy, AUROC, sensitivity, specificity.
+
+    Args:
+        outputs: ``disc_cup`` logits ``[N, 3, H, W]`` and ``glaucoma`` logits ``[N, 2]``.
+        targets: ``disc_cup`` masks ``[N, H, W]`` (0 background, 1 rim, 2 cup) and ``glaucoma`` labels ``[N]``.
+
+    Returns:
+        Fractions in [0, 1] (AUROC too); Dice is computed per image and averaged.
+    """
+    from torchmetrics.functional.classification import (
+        binary_accuracy,
+        binary_auroc,
+        binary_recall,
+        binary_specificity,
+    )
+    from torchmetrics.functional.segmentation import dice_score
+
+    predicted = outputs["disc_cup"].argmax(dim=1)
+    mask = targets["disc_cup"]
+    # channels: disc (rim or cup), cup
+    pred_regions = torch.stack([predicted >= 1, predicted == 2], dim=1).long()
+    true_regions = torch.stack([mask >= 1, mask == 2], dim=1).long()
+    dice = dice_score(pred_regions, true_regions, num_classes=2, include_background=True, average="none",
+                      input_format="one-hot")
+    dice = torch.nan_to_num(dice.reshape(-1, 2), nan=0.0).mean(dim=0)
+    probability = outputs["glaucoma"].softmax(dim=1)[:, 1]
+    label = targets["glaucoma"]
+    return {
+        "dice_cup": float(dice[1]),
+        "dice_disc": float(dice[0]),
+        "accuracy": float(binary_accuracy(probability, label)),
+        "auroc": float(binary_auroc(probability, label)) if 0 < int(label.sum()) < label.numel() else float("nan"),
+        "sensitivity": float(binary_recall(probability, label)),
+        "specificity": float(binary_specificity(probability, label)),
+    }
+
+
+_PALETTE: Final[npt.NDArray[np.float32]] = np.array(
+    [[0.0, 0.0, 0.0], [0.95, 0.75, 0.2], [0.2, 0.6, 1.0]], dtype=np.float32
+)
+
+
+def _draw(task: str, value: Tensor) -> npt.NDArray[np.float32]:
+    """Segmentation as colours: background black, disc rim yellow, cup blue."""
+    classes = value.argmax(dim=0) if value.ndim == 3 else value
+    colours: npt.NDArray[np.float32] = _PALETTE[classes.clamp(0, 2).numpy()]
+    return colours
+
+
+def _caption(task: str, value: Tensor) -> str:
+    if value.ndim == 0:
+        return f"glaucoma={int(value)}"
+    return f"p(glaucoma)={float(value.softmax(dim=0)[1]):.2f}"
+
+
+def _notes(config: ScenarioConfig) -> list[str]:
+    notes = [
+        "Metrics are fractions in [0, 1] on the test split after the last epoch (no model selection); mean and "
+        "sample standard deviation over seeds. Dice is per image, averaged; the disc is rim + cup.",
+        "Sensitivity and specificity use the 0.5 threshold on p(glaucoma); the glaucoma loss is weighted 1:9 "
+        "against the class imbalance. AUROC is threshold-free.",
+        "Every method uses the same UNet (resnet18 encoder, no pretrained weights, decoder channels "
+        f"{list(DECODER_CHANNELS)}), the same data, batches and base optimizer; params_ratio is relative to joint. "
+        "Independent = UNet for disc_cup + resnet18 classifier for glaucoma.",
+        f"MT-COOL warm-up lasts warmup_epochs = {config.warmup_epochs} epoch(s), counted inside epochs.",
+    ]
+    if config.data_dir is None:
+        notes.append(
+            "Synthetic data (benchmarks/_fundus.py): each seed draws its own train and test images; 10 % are "
+            "glaucoma, whose cup-to-disc ratio is drawn from N(0.65, 0.08) against N(0.40, 0.08), so the label "
+            "is a noisy function of the CDR. Small test sets: one glaucoma image moves sensitivity by "
+            f"{100 / max(1, round(0.1 * (config.test_size or 1))):.0f} points."
+        )
+    if config.samples == 1:
+        notes.append(
+            "With samples = 1 the paper's consistency term is identically zero, so mt_cool trains like "
+            "without_reg; mt_cool_clean keeps the term active (ALGORITHM.md section 4)."
+        )
+    return notes
+
+
+SCENARIO: Final[Scenario] = Scenario(
+    name="refuge",
+    title="REFUGE-style disc/cup segmentation + glaucoma (paper Table 2)",
+    description="Optic disc/cup segmentation and glaucoma classification on one fundus image with a shared/split "
+    "UNet encoder: Independent, Joint, PCGrad, MGDA, CAGrad, GradDrop and MT-COOL's ablations "
+    "(the MT-COOL paper's Table 2). Synthetic fundus images by default; --data-dir for real REFUGE2018.",
+    tasks=TASKS,
+    segmentation=("disc_cup",),
+    metrics=_METRICS,
+    curve_metric={"disc_cup": "dice_cup", "glaucoma": "auroc"},
+    defaults={
+        "seeds": 3, "epochs": 6, "train_size": 128, "test_size": 80, "image_size": 64, "warmup_epochs": 1,
+        "batch_size": 16, "optimizer": "adam", "lr": 1e-3,
+    },
+    quick={"seeds": 1, "epochs": 2, "train_size": 20, "test_size": 20, "image_size": 32, "warmup_epochs": 1},
+    problem=problem,
+    load=_load,
+    evaluate=evaluate,
+    draw=_draw,
+    caption=_caption,
+    layout=LAYOUT,
+    notes=_notes,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the REFUGE benchmark; print the table, write JSON and figures, return the results.
+
+    Example:
+        >>> results = main(["--quick", "--out-dir", "/tmp/refuge"])  # doctest: +SKIP
+    """
+    return _scenario.main(SCENARIO, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_scenario.cli(SCENARIO))
