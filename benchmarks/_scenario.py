@@ -38,6 +38,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from benchmarks._cli import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, finite, method_list, resolve_device
 from benchmarks._images import ImageTasks
 from benchmarks._methods import (
     COOPERATIVE_METHODS,
@@ -169,63 +170,31 @@ class Scenario:
 # Command line
 
 
-def _number(kind: Callable[[str], Any], minimum: float, inclusive: bool, what: str) -> Callable[[str], Any]:
-    """argparse type: ``kind(text)`` that is finite and at least (or above) ``minimum``."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_POSITIVE_INT = _number(int, 1, True, "a positive integer")
-_NON_NEGATIVE_INT = _number(int, 0, True, "a non-negative integer")
-_NON_NEGATIVE = _number(float, 0.0, True, "a finite non-negative number")
-_POSITIVE = _number(float, 0.0, False, "a finite positive number")
-
-
-def _method_list(text: str) -> tuple[str, ...]:
-    """argparse type: comma-separated method names, returned in :data:`METHODS` order."""
-    names = {name.strip() for name in text.split(",") if name.strip()}
-    unknown = sorted(names - set(METHODS))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {unknown or text!r}; give a comma list drawn from {','.join(METHODS)}"
-        )
-    return tuple(method for method in METHODS if method in names)
-
-
 def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     d, q = scenario.defaults, scenario.quick
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{scenario.name}", description=scenario.description)
     add = parser.add_argument
-    add("--seeds", type=_POSITIVE_INT, default=None, help=f"number of seeds 0..N-1 (default {d['seeds']}; --quick: {q['seeds']})")
-    add("--epochs", type=_POSITIVE_INT, default=None, help=f"epochs per run (default {d['epochs']}; --quick: {q['epochs']})")
-    add("--train-size", type=_POSITIVE_INT, default=None,
+    add("--seeds", type=POSITIVE_INT, default=None, help=f"number of seeds 0..N-1 (default {d['seeds']}; --quick: {q['seeds']})")
+    add("--epochs", type=POSITIVE_INT, default=None, help=f"epochs per run (default {d['epochs']}; --quick: {q['epochs']})")
+    add("--train-size", type=POSITIVE_INT, default=None,
         help=f"synthetic training images (real data: cap) (default {d['train_size']}; --quick: {q['train_size']})")
-    add("--test-size", type=_POSITIVE_INT, default=None,
+    add("--test-size", type=POSITIVE_INT, default=None,
         help=f"synthetic test images (real data: cap) (default {d['test_size']}; --quick: {q['test_size']})")
-    add("--image-size", type=_POSITIVE_INT, default=None,
+    add("--image-size", type=POSITIVE_INT, default=None,
         help=f"image side in pixels, a multiple of 32 (default {d['image_size']}; --quick: {q['image_size']})")
-    add("--batch-size", type=_POSITIVE_INT, default=d["batch_size"], help=f"images per step (default {d['batch_size']})")
+    add("--batch-size", type=POSITIVE_INT, default=d["batch_size"], help=f"images per step (default {d['batch_size']})")
     add("--optimizer", choices=("sgd", "adam"), default=d["optimizer"], help=f"base optimizer (default {d['optimizer']})")
-    add("--lr", type=_POSITIVE, default=d["lr"], help=f"learning rate (default {d['lr']})")
-    add("--momentum", type=_NON_NEGATIVE, default=0.0, help="SGD momentum (default 0)")
-    add("--weight-decay", type=_NON_NEGATIVE, default=0.0, help="weight decay (default 0)")
-    add("--methods", type=_method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
-    add("--bound", type=_NON_NEGATIVE, default=d.get("bound", 0.05), help=f"MT-COOL bound b (default {d.get('bound', 0.05)})")
-    add("--samples", type=_POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
-    add("--inner-steps", type=_POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
-    add("--consistency-weight", type=_NON_NEGATIVE, default=None, help="MT-COOL lambda (default: library's)")
-    add("--warmup-epochs", type=_NON_NEGATIVE_INT, default=None,
+    add("--lr", type=POSITIVE, default=d["lr"], help=f"learning rate (default {d['lr']})")
+    add("--momentum", type=NON_NEGATIVE, default=0.0, help="SGD momentum (default 0)")
+    add("--weight-decay", type=NON_NEGATIVE, default=0.0, help="weight decay (default 0)")
+    add("--methods", type=method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
+    add("--bound", type=NON_NEGATIVE, default=d.get("bound", 0.05), help=f"MT-COOL bound b (default {d.get('bound', 0.05)})")
+    add("--samples", type=POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
+    add("--inner-steps", type=POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
+    add("--consistency-weight", type=NON_NEGATIVE, default=None, help="MT-COOL lambda (default: library's)")
+    add("--warmup-epochs", type=NON_NEGATIVE_INT, default=None,
         help=f"MT-COOL warm-up epochs (default {d['warmup_epochs']}; --quick: {q['warmup_epochs']})")
-    add("--cagrad-c", type=_NON_NEGATIVE, default=0.4, help="CAGrad c (default 0.4)")
+    add("--cagrad-c", type=NON_NEGATIVE, default=0.4, help="CAGrad c (default 0.4)")
     add("--data-dir", default=None, help=f"real dataset folder, layout: {scenario.layout}; default: synthetic data")
     add("--test-fraction", type=float, default=0.25, help="real data: test share (default 0.25)")
     add("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
@@ -233,16 +202,6 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     add("--quick", action="store_true", help="tiny smoke run exercising every method in well under a minute")
     add("--no-progress", action="store_true", help="hide the progress bar")
     return parser
-
-
-def _resolve_device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except RuntimeError as error:
-        raise ValueError(f"--device {text!r} is not a torch device ({error}); use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text!r} asks for CUDA but torch.cuda.is_available() is False; use --device cpu")
-    return str(device)
 
 
 def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> ScenarioConfig:
@@ -281,7 +240,7 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         test_size=filled["test_size"],
         data_dir=args.data_dir,
         test_fraction=args.test_fraction,
-        device=_resolve_device(args.device),
+        device=resolve_device(args.device),
         out_dir=args.out_dir,
         quick=args.quick,
         progress=not args.no_progress,
@@ -423,17 +382,6 @@ def markdown_table(scenario: Scenario, summaries: Mapping[str, Mapping[str, Any]
         cells = [_cell(metric, summary["metrics"][metric.key]) for metric in scenario.metrics]
         rows.append(f"| {method} | {summary['params_ratio']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def finite(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by ``None``, for strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
-    return value
 
 
 def run_scenario(scenario: Scenario, config: ScenarioConfig) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:

@@ -53,6 +53,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from benchmarks._cli import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, finite, method_list, resolve_device
 from benchmarks._data import NUM_CLASSES, TaskData, load_digits_even_odd, load_mnist_even_odd
 from benchmarks._methods import (
     COOPERATIVE_METHODS,
@@ -147,50 +148,6 @@ class BenchmarkConfig:
 # Command line
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
-    return value
-
-
-def _method_list(text: str) -> tuple[str, ...]:
-    """argparse type: comma-separated method names, returned in :data:`METHODS` order."""
-    names = {name.strip() for name in text.split(",") if name.strip()}
-    unknown = sorted(names - set(METHODS))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {unknown or text!r}; give a comma list drawn from {','.join(METHODS)}"
-        )
-    return tuple(method for method in METHODS if method in names)
-
-
 def _build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m benchmarks.even_odd``."""
     parser = argparse.ArgumentParser(
@@ -199,20 +156,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "(vanilla / without_reg / mt_cool / mt_cool_clean) on the even/odd digit tasks of the MT-COOL paper's Table 1.",
     )
     add = parser.add_argument
-    add("--seeds", type=_positive_int, default=None, help="number of seeds 0..N-1 (default 5; --quick: 1)")
-    add("--epochs", type=_positive_int, default=None, help="epochs per run (default 30; --quick: 2)")
-    add("--batch-size", type=_positive_int, default=32, help="examples per task per step (default 32)")
-    add("--lr", type=_non_negative_float, default=0.1, help="SGD learning rate (default 0.1, as the paper)")
-    add("--momentum", type=_non_negative_float, default=0.0, help="SGD momentum (default 0)")
-    add("--methods", type=_method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
-    add("--bound", type=_non_negative_float, default=0.05, help="MT-COOL bound b (default 0.05)")
-    add("--samples", type=_positive_int, default=1, help="MT-COOL noise samples M (default 1)")
-    add("--inner-steps", type=_positive_int, default=1, help="MT-COOL inner steps L (default 1)")
-    add("--consistency-weight", type=_non_negative_float, default=None, help="MT-COOL lambda (default: library's)")
-    add("--warmup-epochs", type=_non_negative_int, default=1, help="MT-COOL warm-up epochs (default 1)")
+    add("--seeds", type=POSITIVE_INT, default=None, help="number of seeds 0..N-1 (default 5; --quick: 1)")
+    add("--epochs", type=POSITIVE_INT, default=None, help="epochs per run (default 30; --quick: 2)")
+    add("--batch-size", type=POSITIVE_INT, default=32, help="examples per task per step (default 32)")
+    add("--lr", type=NON_NEGATIVE, default=0.1, help="SGD learning rate (default 0.1, as the paper)")
+    add("--momentum", type=NON_NEGATIVE, default=0.0, help="SGD momentum (default 0)")
+    add("--methods", type=method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
+    add("--bound", type=NON_NEGATIVE, default=0.05, help="MT-COOL bound b (default 0.05)")
+    add("--samples", type=POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
+    add("--inner-steps", type=POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
+    add("--consistency-weight", type=NON_NEGATIVE, default=None, help="MT-COOL lambda (default: library's)")
+    add("--warmup-epochs", type=NON_NEGATIVE_INT, default=1, help="MT-COOL warm-up epochs (default 1)")
     add("--test-fraction", type=float, default=0.25, help="digits: test share per task (default 0.25)")
-    add("--max-train", type=_positive_int, default=None, help="cap on training examples per task")
-    add("--max-test", type=_positive_int, default=None, help="cap on test examples per task")
+    add("--max-train", type=POSITIVE_INT, default=None, help="cap on training examples per task")
+    add("--max-test", type=POSITIVE_INT, default=None, help="cap on test examples per task")
     add("--out-dir", default="results", help="output folder (default results)")
     add(
         "--data-dir",
@@ -224,17 +181,6 @@ def _build_parser() -> argparse.ArgumentParser:
     add("--quick", action="store_true", help="tiny smoke run: 1 seed, 2 epochs, <= 256 examples per task")
     add("--no-progress", action="store_true", help="hide the progress bar")
     return parser
-
-
-def _resolve_device(text: str) -> str:
-    """Check that ``--device`` names a usable torch device and return it."""
-    try:
-        device = torch.device(text)
-    except RuntimeError as error:
-        raise ValueError(f"--device {text!r} is not a torch device ({error}); use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text!r} asks for CUDA but torch.cuda.is_available() is False; use --device cpu")
-    return str(device)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
@@ -267,7 +213,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
         test_fraction=args.test_fraction,
         max_train=filled["max_train"],
         max_test=filled["max_test"],
-        device=_resolve_device(args.device),
+        device=resolve_device(args.device),
         out_dir=args.out_dir,
         quick=args.quick,
         progress=not args.no_progress,
@@ -554,17 +500,6 @@ def _notes(config: BenchmarkConfig) -> list[str]:
     return notes
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with non-finite floats (diverged losses) replaced by ``None``, for strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """Train every method on every seed and return the results (what ``main`` writes as JSON)."""
     check_methods_available(config.methods)
@@ -621,7 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ['independent', 'joint', 'pcgrad', 'mgda', 'cagrad', 'graddrop', 'vanilla', 'without_reg', 'mt_cool', 'mt_cool_clean']
     """
     config = parse_args(argv)
-    results = _finite(run_benchmark(config))
+    results = finite(run_benchmark(config))
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "even_odd.json"
