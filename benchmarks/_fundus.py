@@ -129,7 +129,7 @@ def synthetic_fundus(
     light = 1.0 - 0.35 * radius2 + 0.08 * _smooth_noise(n, size, 6, g)[:, 0]
     background = torch.tensor([0.78, 0.33, 0.13]).view(1, 3, 1, 1) * light.unsqueeze(1)
     disc_colour = torch.tensor([0.95, 0.72, 0.42]).view(1, 3, 1, 1) * uniform(0.85, 1.0).unsqueeze(1)
-    cup_gain = torch.tensor([0.04, 0.18, 0.32]).view(1, 3, 1, 1) * uniform(0.45, 1.0).unsqueeze(1)
+    cup_gain = torch.tensor([0.05, 0.24, 0.40]).view(1, 3, 1, 1) * uniform(0.6, 1.0).unsqueeze(1)
     image = background * (1 - disc_soft.unsqueeze(1)) + disc_colour * disc_soft.unsqueeze(1)
     image = image + cup_gain * cup_soft.unsqueeze(1)
     # vessels: dark rays of random width leaving the disc centre

@@ -158,6 +158,10 @@ class Training:
         inner_steps: MT-COOL inner steps L.
         consistency_weight: MT-COOL lambda, ``None`` for the library default.
         warmup_steps: MT-COOL warm-up steps.
+        running_stats: MT-COOL's BatchNorm running-statistics policy. ``"clean"`` (one
+            noise-free, gradient-free forward per task and step writes them) so that
+            evaluation, which uses clean weights, normalizes with statistics of clean
+            weights; the library's default ``"once"`` records them under noise.
         cagrad_c: CAGrad's radius scale c.
         seed: seeds the initialisation (global RNG) and MT-COOL's noise generator.
         device: torch device string.
@@ -172,6 +176,7 @@ class Training:
     inner_steps: int = 1
     consistency_weight: float | None = None
     warmup_steps: int = 0
+    running_stats: Literal["once", "every_sample", "frozen", "clean"] = "clean"
     cagrad_c: float = 0.4
     seed: int = 0
     device: str = "cpu"
@@ -209,6 +214,10 @@ class Learner(Protocol):
 
     def train(self, mode: bool) -> None:
         """Switch every network between training and evaluation mode."""
+        ...
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer the method steps (for learning-rate schedulers)."""
         ...
 
 
@@ -265,13 +274,13 @@ class IndependentLearner:
     def __init__(self, problem: Problem, training: Training) -> None:
         self.losses = problem.losses
         self.models = {task: problem.single_task(task).to(training.device) for task in problem.tasks}
-        self.optimizers = {task: training.make_optimizer(m.parameters()) for task, m in self.models.items()}
+        self.optimizers_by_task = {task: training.make_optimizer(m.parameters()) for task, m in self.models.items()}
         self.num_parameters = sum(count_parameters(m) for m in self.models.values())
 
     def train_step(self, batches: Mapping[str, Batch]) -> dict[str, float]:
         losses: dict[str, float] = {}
         for task, (x, y) in batches.items():
-            optimizer = self.optimizers[task]
+            optimizer = self.optimizers_by_task[task]
             optimizer.zero_grad(set_to_none=True)
             loss = self.losses[task](self.models[task](x), y)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -286,6 +295,9 @@ class IndependentLearner:
     def train(self, mode: bool) -> None:
         for model in self.models.values():
             model.train(mode)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self.optimizers_by_task.values())
 
 
 class JointLearner:
@@ -314,6 +326,9 @@ class JointLearner:
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
 
 
 def _aggregator(method: str, training: Training) -> Any:
@@ -462,6 +477,7 @@ class CooperativeLearner:
                 samples=training.samples,
                 inner_steps=training.inner_steps,
                 warmup_steps=training.warmup_steps,
+                running_stats=training.running_stats,
                 seed=training.seed,
             )
         self.num_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -477,6 +493,9 @@ class CooperativeLearner:
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ class ScenarioConfig:
         batch_size: images per step (every task sees the same images).
         optimizer: base optimizer of every method, ``"sgd"`` or ``"adam"``.
         lr, momentum, weight_decay: base optimizer settings.
+        schedule: learning rate over the run: ``"constant"``, or ``"cosine"`` (torch's
+            ``CosineAnnealingLR`` from ``lr`` to 0 over all steps, the same for every method).
         methods: methods to run, in :data:`benchmarks._methods.METHODS` order.
         bound, samples, inner_steps, consistency_weight: MT-COOL b, M, L, lambda.
         warmup_epochs: MT-COOL warm-up length in epochs.
@@ -106,6 +108,7 @@ class ScenarioConfig:
     lr: float
     momentum: float
     weight_decay: float
+    schedule: Literal["constant", "cosine"]
     methods: tuple[str, ...]
     bound: float
     samples: int
@@ -181,12 +184,14 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     add("--test-size", type=POSITIVE_INT, default=None,
         help=f"synthetic test images (real data: cap) (default {d['test_size']}; --quick: {q['test_size']})")
     add("--image-size", type=POSITIVE_INT, default=None,
-        help=f"image side in pixels, a multiple of 32 (default {d['image_size']}; --quick: {q['image_size']})")
+        help=f"image side in pixels, a multiple of 16 (default {d['image_size']}; --quick: {q['image_size']})")
     add("--batch-size", type=POSITIVE_INT, default=d["batch_size"], help=f"images per step (default {d['batch_size']})")
     add("--optimizer", choices=("sgd", "adam"), default=d["optimizer"], help=f"base optimizer (default {d['optimizer']})")
     add("--lr", type=POSITIVE, default=d["lr"], help=f"learning rate (default {d['lr']})")
     add("--momentum", type=NON_NEGATIVE, default=0.0, help="SGD momentum (default 0)")
     add("--weight-decay", type=NON_NEGATIVE, default=0.0, help="weight decay (default 0)")
+    add("--schedule", choices=("constant", "cosine"), default=d.get("schedule", "constant"),
+        help=f"learning-rate schedule, cosine = decay to 0 over the run (default {d.get('schedule', 'constant')})")
     add("--methods", type=method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
     add("--bound", type=NON_NEGATIVE, default=d.get("bound", 0.05), help=f"MT-COOL bound b (default {d.get('bound', 0.05)})")
     add("--samples", type=POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
@@ -210,8 +215,8 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
     preset = scenario.quick if args.quick else scenario.defaults
     sized = ("seeds", "epochs", "train_size", "test_size", "image_size", "warmup_epochs")
     filled = {key: preset[key] if getattr(args, key) is None else getattr(args, key) for key in sized}
-    if filled["image_size"] % 32:
-        raise ValueError(f"--image-size must be a multiple of 32 (the UNet's output stride), got {filled['image_size']}")
+    if filled["image_size"] % 16:
+        raise ValueError(f"--image-size must be a multiple of 16 (the UNet's output stride), got {filled['image_size']}")
     if not 0.0 < args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), e.g. 0.25; got {args.test_fraction!r}")
     if filled["warmup_epochs"] >= filled["epochs"] and set(args.methods) & set(COOPERATIVE_METHODS):
@@ -228,6 +233,7 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
+        schedule=args.schedule,
         methods=tuple(args.methods),
         bound=args.bound,
         samples=args.samples,
@@ -303,6 +309,11 @@ def _run(
     started = time.perf_counter()
     learner = build_learner(method, scenario.problem(config), _training(config, seed, warmup_steps))
     learner.train(True)
+    schedulers = (
+        [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=config.epochs * steps) for o in learner.optimizers()]
+        if config.schedule == "cosine"
+        else []
+    )
     targets = {task: y.cpu() for task, y in data.test_y.items()}
     train_loss: dict[str, list[float]] = {task: [] for task in scenario.tasks}
     test_metrics: dict[str, list[float]] = {metric.key: [] for metric in scenario.metrics}
@@ -313,6 +324,8 @@ def _run(
             index = schedule[step]
             x = data.train_x[index]
             losses = learner.train_step({task: (x, data.train_y[task][index]) for task in scenario.tasks})
+            for scheduler in schedulers:
+                scheduler.step()
             for task, loss in losses.items():
                 totals[task] += loss
         for task, total in totals.items():

@@ -77,7 +77,7 @@ def _segments(generator: torch.Generator, size: int, disc: tuple[float, float], 
 
     cx, cy = disc
     for vertical in (-1.0, 1.0):
-        for kind, base_width in ((1, 1.6), (2, 2.2)):
+        for kind, base_width in ((1, 1.8), (2, 2.4)):
             start = (math.pi / 2) * vertical + (0.5 if side > 0 else -0.5) * vertical * -1
             start += 0.3 * (rand() - 0.5) + (0.15 if kind == 2 else -0.15)
             grow(cx, cy, start, base_width * scale * (0.9 + 0.2 * rand()), kind, 14, 0)
@@ -143,8 +143,8 @@ def synthetic_vessels(n: int, size: int = 64, *, seed: int = 0) -> tuple[Tensor,
         disc = torch.sigmoid((1.0 - (dx.view(1, -1) ** 2 + dy**2).sqrt()) / 0.15)
         background = torch.tensor([0.80, 0.36, 0.14]).view(3, 1, 1) * light
         background = background * (1 - disc) + torch.tensor([0.97, 0.78, 0.48]).view(3, 1, 1) * disc
-        contrast = 0.6 + 0.4 * float(torch.rand((), generator=g))
-        artery_colour = torch.tensor([0.50, 0.14, 0.07]).view(3, 1, 1)
+        contrast = 0.75 + 0.25 * float(torch.rand((), generator=g))
+        artery_colour = torch.tensor([0.44, 0.11, 0.06]).view(3, 1, 1)
         vein_colour = torch.tensor([0.30, 0.05, 0.05]).view(3, 1, 1)
         image = background * (1 - contrast * artery) + contrast * artery * (artery_colour + 0.12 * reflex)
         image = image * (1 - contrast * vein) + contrast * vein * vein_colour

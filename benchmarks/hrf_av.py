@@ -1,17 +1,17 @@
 """HRF-AV-style benchmark: artery/vein segmentation + binary vessel segmentation on one image.
 
 This mirrors the MT-COOL paper's Table 3 (HRF-AV) with every method of
-:mod:`benchmarks._methods`. The network is an smp UNet with a resnet18 encoder
-(``encoder_weights=None``) made multi-task by ``adapters.smp.multitask``: the
+:mod:`benchmarks._methods`. The network is the small smp UNet of
+:mod:`benchmarks._unet` (resnet18 encoder cut to four stages, no pretrained
+weights) made multi-task by ``adapters.smp.multitask``: the
 ``artery_vein`` task (3 classes: background, artery, vein) keeps the UNet
 decoder, the ``vessel`` task (1 logit) gets its own copy. Joint and the
 gradient methods share the encoder's parameters, MT-COOL splits its channels;
-Independent trains one full UNet per task. The decoder is slimmed (64-32-16-16-8,
-as in :mod:`benchmarks.refuge`) for the CPU.
+Independent trains one full UNet per task.
 
-Losses: pixel cross-entropy for ``artery_vein`` (pixels labelled
-:data:`benchmarks._vessels.IGNORE` are skipped) and binary cross-entropy with
-logits for ``vessel``.
+Losses: cross-entropy plus soft Dice (:func:`benchmarks._unet.dice_ce`) for
+both tasks; ``artery_vein`` pixels labelled :data:`benchmarks._vessels.IGNORE`
+are skipped.
 
 Metrics (``torchmetrics``, test split, after the last epoch), as fractions:
 
@@ -39,15 +39,13 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks import _scenario
+from benchmarks import _scenario, _unet
 from benchmarks._images import ImageTasks
 from benchmarks._methods import Problem
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig
 from benchmarks._vessels import IGNORE, LAYOUT, TASKS, load_hrf_av, synthetic_hrf_av
-from benchmarks.refuge import DECODER_CHANNELS
 
 __all__ = ["SCENARIO", "evaluate", "main", "problem"]
 
@@ -63,41 +61,22 @@ _METRICS: Final[tuple[Metric, ...]] = (
 )
 
 
-def _unet(classes: int) -> nn.Module:
-    try:
-        import segmentation_models_pytorch as smp  # type: ignore[import-untyped]
-    except ImportError as error:
-        raise RuntimeError(
-            f"benchmarks.hrf_av needs segmentation-models-pytorch ({error}); pip install -e '.[bench]'"
-        ) from error
-    unet: nn.Module = smp.Unet("resnet18", encoder_weights=None, classes=classes, decoder_channels=DECODER_CHANNELS)
-    return unet
-
-
 def _multi_task() -> nn.Module:
     """The hard-shared HRF-AV network: one UNet encoder, a decoder per task."""
     import adapters
     import adapters.smp
 
-    net = adapters.smp.multitask(_unet(3), {"artery_vein": 3, "vessel": 1})
+    net = adapters.smp.multitask(_unet.unet(3), {"artery_vein": 3, "vessel": 1})
     adapters.merge(net.encoder)  # Joint shares plain parameters; MT-COOL re-splits them
     return net
 
 
 def _single_task(task: str) -> nn.Module:
     if task == "artery_vein":
-        return _unet(3)
+        return _unet.unet(3)
     if task == "vessel":
-        return _unet(1)
+        return _unet.unet(1)
     raise ValueError(f"task={task!r} is not one of {TASKS}")
-
-
-def _artery_vein_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE)
-
-
-def _vessel_loss(logits: Tensor, mask: Tensor) -> Tensor:
-    return F.binary_cross_entropy_with_logits(logits[:, 0], mask.to(logits.dtype))
 
 
 def problem(config: ScenarioConfig | None = None) -> Problem:
@@ -106,7 +85,7 @@ def problem(config: ScenarioConfig | None = None) -> Problem:
         tasks=TASKS,
         multi_task=_multi_task,
         single_task=_single_task,
-        losses={"artery_vein": _artery_vein_loss, "vessel": _vessel_loss},
+        losses={"artery_vein": _unet.dice_ce("multiclass", ignore_index=IGNORE), "vessel": _unet.dice_ce("binary")},
     )
 
 
@@ -175,8 +154,9 @@ def _notes(config: ScenarioConfig) -> list[str]:
         "sample standard deviation over seeds. Artery / vein: one class against the rest over all pixels; "
         "A/V: artery vs vein on ground-truth vessel pixels (macro F1); vessel: the binary task.",
         "Pixel accuracies are dominated by the background; F1 is the informative column.",
-        "Every method uses the same UNet (resnet18 encoder, no pretrained weights, decoder channels "
-        f"{list(DECODER_CHANNELS)}), the same data, batches and base optimizer; params_ratio is relative to joint. "
+        f"Every method uses the same UNet ({_unet.ENCODER} encoder cut to {_unet.ENCODER_DEPTH} stages, no "
+        f"pretrained weights, decoder channels {list(_unet.DECODER_CHANNELS)}; loss cross-entropy + Dice), the "
+        "same data, batches and base optimizer; params_ratio is relative to joint. "
         "Independent = one UNet per task.",
         f"MT-COOL warm-up lasts warmup_epochs = {config.warmup_epochs} epoch(s), counted inside epochs.",
     ]
@@ -204,8 +184,8 @@ SCENARIO: Final[Scenario] = Scenario(
     metrics=_METRICS,
     curve_metric={"artery_vein": "av_f1", "vessel": "vessel_f1"},
     defaults={
-        "seeds": 3, "epochs": 6, "train_size": 64, "test_size": 32, "image_size": 64, "warmup_epochs": 1,
-        "batch_size": 8, "optimizer": "adam", "lr": 1e-3,
+        "seeds": 3, "epochs": 6, "train_size": 96, "test_size": 32, "image_size": 64, "warmup_epochs": 1,
+        "batch_size": 4, "optimizer": "adam", "lr": 2e-3, "schedule": "cosine",
     },
     quick={"seeds": 1, "epochs": 2, "train_size": 8, "test_size": 4, "image_size": 32, "warmup_epochs": 1},
     problem=problem,

@@ -2,9 +2,9 @@
 
 This mirrors the MT-COOL paper's Table 2 (REFUGE2018) with every method of
 :mod:`benchmarks._methods` (Independent, Joint, PCGrad, MGDA, CAGrad, GradDrop,
-MT-COOL's ablations). The network is an smp UNet with a resnet18 encoder
-(``encoder_weights=None``: nothing is downloaded), made multi-task by
-``adapters.smp.multitask``:
+MT-COOL's ablations). The network is the small smp UNet of
+:mod:`benchmarks._unet` (resnet18 encoder cut to four stages, no pretrained
+weights: nothing is downloaded), made multi-task by ``adapters.smp.multitask``:
 
 - ``disc_cup`` (3 classes: background, disc rim, cup) keeps the UNet decoder;
 - ``glaucoma`` (2 classes) is an :class:`adapters.FedClassifier` reading the
@@ -14,12 +14,10 @@ MT-COOL's ablations). The network is an smp UNet with a resnet18 encoder
 
 Joint and the gradient methods train this network with a hard-shared
 (unsplit) encoder; MT-COOL splits the encoder's channels between the two
-tasks. Independent trains a full UNet for ``disc_cup`` and a resnet18 encoder
-with smp's classification head for ``glaucoma``. The UNet decoder is slimmed
-(:data:`DECODER_CHANNELS`, 64-32-16-16-8) so the default run fits a 2-core
-CPU; it is the same for every method.
+tasks. Independent trains a full UNet for ``disc_cup`` and the same encoder
+with smp's classification head for ``glaucoma``.
 
-Losses: cross-entropy per pixel for ``disc_cup``; class-weighted
+Losses: cross-entropy plus soft Dice per pixel for ``disc_cup``; class-weighted
 cross-entropy for ``glaucoma`` (weights 1 and 9, the inverse of REFUGE's 1:9
 imbalance, so the 0.5 threshold of sensitivity/specificity is meaningful).
 
@@ -50,16 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks import _scenario
+from benchmarks import _scenario, _unet
 from benchmarks._fundus import LAYOUT, REFUGE_CLASSES, TASKS, load_refuge, synthetic_refuge
 from benchmarks._images import ImageTasks
 from benchmarks._methods import Problem
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig
 
 __all__ = ["SCENARIO", "evaluate", "main", "problem"]
-
-DECODER_CHANNELS: Final[tuple[int, ...]] = (64, 32, 16, 16, 8)
-"""UNet decoder widths used by every method (smp's default is 256, 128, 64, 32, 16)."""
 
 GLAUCOMA_WEIGHTS: Final[tuple[float, float]] = (1.0, 9.0)
 """Class weights of the glaucoma cross-entropy: the inverse of the 1:9 class ratio."""
@@ -74,37 +69,6 @@ _METRICS: Final[tuple[Metric, ...]] = (
 )
 
 
-def _smp() -> Any:
-    try:
-        import segmentation_models_pytorch as smp  # type: ignore[import-untyped]
-    except ImportError as error:
-        raise RuntimeError(
-            f"benchmarks.refuge needs segmentation-models-pytorch ({error}); pip install -e '.[bench]'"
-        ) from error
-    return smp
-
-
-def _unet(classes: int) -> nn.Module:
-    unet: nn.Module = _smp().Unet(
-        "resnet18", encoder_weights=None, classes=classes, decoder_channels=DECODER_CHANNELS
-    )
-    return unet
-
-
-class EncoderClassifier(nn.Module):
-    """Independent's glaucoma network: a resnet18 smp encoder and smp's classification head."""
-
-    def __init__(self, classes: int) -> None:
-        super().__init__()
-        smp = _smp()
-        self.encoder = smp.encoders.get_encoder("resnet18", weights=None)
-        self.head = smp.base.ClassificationHead(self.encoder.out_channels[-1], classes, dropout=0.0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        logits: Tensor = self.head(self.encoder(x)[-1])
-        return logits
-
-
 def _multi_task() -> nn.Module:
     """The hard-shared REFUGE network (unsplit encoder): UNet for disc_cup, FedClassifier for glaucoma."""
     import adapters
@@ -112,7 +76,7 @@ def _multi_task() -> nn.Module:
     from adapters import Classification
 
     net = adapters.smp.multitask(
-        _unet(REFUGE_CLASSES), {"disc_cup": REFUGE_CLASSES, "glaucoma": Classification(2, fed_by="disc_cup")}
+        _unet.unet(REFUGE_CLASSES), {"disc_cup": REFUGE_CLASSES, "glaucoma": Classification(2, fed_by="disc_cup")}
     )
     adapters.merge(net.encoder)  # Joint shares plain parameters; MT-COOL re-splits them
     return net
@@ -120,14 +84,10 @@ def _multi_task() -> nn.Module:
 
 def _single_task(task: str) -> nn.Module:
     if task == "disc_cup":
-        return _unet(REFUGE_CLASSES)
+        return _unet.unet(REFUGE_CLASSES)
     if task == "glaucoma":
-        return EncoderClassifier(2)
+        return _unet.classifier(2)
     raise ValueError(f"task={task!r} is not one of {TASKS}")
-
-
-def _segmentation_loss(logits: Tensor, mask: Tensor) -> Tensor:
-    return F.cross_entropy(logits, mask)
 
 
 def _glaucoma_loss(logits: Tensor, label: Tensor) -> Tensor:
@@ -140,7 +100,7 @@ def problem(config: ScenarioConfig | None = None) -> Problem:
         tasks=TASKS,
         multi_task=_multi_task,
         single_task=_single_task,
-        losses={"disc_cup": _segmentation_loss, "glaucoma": _glaucoma_loss},
+        losses={"disc_cup": _unet.dice_ce("multiclass"), "glaucoma": _glaucoma_loss},
     )
 
 
@@ -215,9 +175,10 @@ def _notes(config: ScenarioConfig) -> list[str]:
         "sample standard deviation over seeds. Dice is per image, averaged; the disc is rim + cup.",
         "Sensitivity and specificity use the 0.5 threshold on p(glaucoma); the glaucoma loss is weighted 1:9 "
         "against the class imbalance. AUROC is threshold-free.",
-        "Every method uses the same UNet (resnet18 encoder, no pretrained weights, decoder channels "
-        f"{list(DECODER_CHANNELS)}), the same data, batches and base optimizer; params_ratio is relative to joint. "
-        "Independent = UNet for disc_cup + resnet18 classifier for glaucoma.",
+        f"Every method uses the same UNet ({_unet.ENCODER} encoder cut to {_unet.ENCODER_DEPTH} stages, no "
+        f"pretrained weights, decoder channels {list(_unet.DECODER_CHANNELS)}; loss cross-entropy + Dice), the "
+        "same data, batches and base optimizer; params_ratio is relative to joint. "
+        "Independent = UNet for disc_cup + the UNet's encoder with a classification head for glaucoma.",
         f"MT-COOL warm-up lasts warmup_epochs = {config.warmup_epochs} epoch(s), counted inside epochs.",
     ]
     if config.data_dir is None:
@@ -246,8 +207,8 @@ SCENARIO: Final[Scenario] = Scenario(
     metrics=_METRICS,
     curve_metric={"disc_cup": "dice_cup", "glaucoma": "auroc"},
     defaults={
-        "seeds": 3, "epochs": 6, "train_size": 128, "test_size": 80, "image_size": 64, "warmup_epochs": 1,
-        "batch_size": 16, "optimizer": "adam", "lr": 1e-3,
+        "seeds": 3, "epochs": 4, "train_size": 128, "test_size": 80, "image_size": 64, "warmup_epochs": 1,
+        "batch_size": 4, "optimizer": "adam", "lr": 1e-3, "schedule": "cosine",
     },
     quick={"seeds": 1, "epochs": 2, "train_size": 20, "test_size": 20, "image_size": 32, "warmup_epochs": 1},
     problem=problem,

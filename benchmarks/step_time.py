@@ -48,7 +48,7 @@ class MultiTaskResNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from torchvision.models import resnet18
+        from torchvision.models import resnet18  # type: ignore[import-untyped]
 
         net = resnet18(weights=None)
         net.fc = nn.Identity()
@@ -56,7 +56,8 @@ class MultiTaskResNet(nn.Module):
         self.heads = nn.ModuleDict({t: nn.Linear(512, CLASSES) for t in TASKS})
 
     def forward(self, x: Tensor, task: str) -> Tensor:
-        return self.heads[task](self.encoder(x))
+        logits: Tensor = self.heads[task](self.encoder(x))
+        return logits
 
 
 def make_batches(size: str, device: torch.device, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
@@ -75,12 +76,20 @@ def joint_stepper(model: nn.Module, batches: dict[str, tuple[Tensor, Tensor]]) -
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = sum(F.cross_entropy(model(x, t), y) for t, (x, y) in batches.items())
-        assert isinstance(loss, Tensor)
-        loss.backward()
+        loss = torch.stack([F.cross_entropy(model(x, t), y) for t, (x, y) in batches.items()]).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
 
     return step
+
+
+def _task_inputs(task: str) -> Callable[[tuple[Tensor, Tensor]], tuple[Tensor, str]]:
+    """``Task.inputs`` for ``model(x, task)``."""
+
+    def inputs(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, str]:
+        return (batch[0], task)
+
+    return inputs
 
 
 def cooperative_stepper(
@@ -93,7 +102,7 @@ def cooperative_stepper(
             t,
             loss=lambda out, batch: F.cross_entropy(out, batch[1]),
             head=model.heads[t],
-            inputs=lambda batch, t=t: (batch[0], t),
+            inputs=_task_inputs(t),
         )
         for t in TASKS
     ]
@@ -139,7 +148,8 @@ def time_pair(size: str, samples: int, repeats: int, device: torch.device, vecto
     for _ in range(2):  # warm-up: allocator, kernels, lazy init
         joint()
         coop()
-    tj, tc = [], []
+    tj: list[float] = []
+    tc: list[float] = []
     for r in range(repeats):
         order = [(joint, tj), (coop, tc)] if r % 2 == 0 else [(coop, tc), (joint, tj)]
         for fn, out in order:
@@ -254,9 +264,10 @@ def _problem_and_batches(name: str, device: torch.device) -> tuple[Any, dict[str
         return _classifier_problem(), batches
     if name == "unet":
         from benchmarks import refuge
+        from benchmarks._fundus import REFUGE_CLASSES
 
         x = torch.randn(8, 3, 64, 64, generator=g).to(device)  # one image batch shared by both tasks
-        masks = torch.randint(0, refuge.REFUGE_CLASSES, (8, 64, 64), generator=g).to(device)
+        masks = torch.randint(0, REFUGE_CLASSES, (8, 64, 64), generator=g).to(device)
         labels = torch.randint(0, 2, (8,), generator=g).to(device)
         return refuge.problem(), {"disc_cup": (x, masks), "glaucoma": (x, labels)}
     raise ValueError(f"--problems: unknown {name!r}; choose from resnet18, unet")
@@ -273,9 +284,12 @@ def _learners(problem: Any, device: torch.device) -> dict[str, Any]:
             if method == "mt_cool":
                 for m in MT_COOL_SAMPLES:
                     learners[f"mt_cool (M={m})"] = build_learner(
-                        method, problem, Training(lr=1e-3, samples=m, device=str(device)))
+                        method, problem, Training(lr=1e-3, samples=m, running_stats="once", device=str(device)))
+                learners["mt_cool (M=1, clean stats)"] = build_learner(
+                    method, problem, Training(lr=1e-3, samples=1, running_stats="clean", device=str(device)))
             else:
-                learners[method] = build_learner(method, problem, Training(lr=1e-3, device=str(device)))
+                learners[method] = build_learner(
+                    method, problem, Training(lr=1e-3, running_stats="once", device=str(device)))
     return learners
 
 

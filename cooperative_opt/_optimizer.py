@@ -141,7 +141,11 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             prediction without noise, no gradient), which is active at M = 1.
         warmup_steps: number of warm-up calls before cooperative training.
         running_stats: normalization running-statistics policy during ``step``
-            (``"once"``, ``"every_sample"``, ``"frozen"``).
+            (``"once"``, ``"every_sample"``, ``"frozen"``, ``"clean"``; see
+            :mod:`cooperative_opt._running_stats` and ``docs/usage.md``).
+            ``"clean"`` keeps noisy weights out of the statistics a model uses
+            in ``eval()`` mode, at the cost of one gradient-free forward per
+            task and inner step.
         vectorize: run the M samples batched with ``torch.func.vmap``:
             ``"auto"`` (when M > 1, falling back to a loop with a warning if
             the model cannot be vmapped), ``True`` (never fall back) or ``False``.
@@ -188,7 +192,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             "consistency_reference", consistency_reference, ["mean", "clean"]
         )
         self.running_stats: RunningStatsPolicy = _choice(
-            "running_stats", running_stats, ["once", "every_sample", "frozen"]
+            "running_stats", running_stats, ["once", "every_sample", "frozen", "clean"]
         )
         self.vectorize: bool | Literal["auto"] = _choice("vectorize", vectorize, ["auto", True, False])
         self.nonfinite: Literal["skip", "raise"] = _choice("nonfinite", nonfinite, ["skip", "raise"])
@@ -462,12 +466,16 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         loss = torch.stack([self._loss(task, o, batch) for o in outputs]).mean()
         term: Tensor | None = None
         active = self.samples > 1 or self.consistency_reference == "clean"
-        if self.consistency_weight > 0 and task.consistency is not None and active:
-            clean = None
-            if self.consistency_reference == "clean":
-                with torch.no_grad():
-                    clean = self._forward(inputs, {}, update_stats=False)
-            term = consistency_term(task.name, task.consistency, outputs, clean)
+        with_term = self.consistency_weight > 0 and task.consistency is not None and active
+        clean = None
+        if self.running_stats == "clean" or (with_term and self.consistency_reference == "clean"):
+            # one noise-free pass serves both the "clean" statistics and the "clean" consistency reference
+            with torch.no_grad():
+                clean = self._forward(inputs, {}, update_stats=self.running_stats == "clean")
+        if with_term and task.consistency is not None:
+            term = consistency_term(
+                task.name, task.consistency, outputs, clean if self.consistency_reference == "clean" else None
+            )
         objective = loss if term is None else loss + self.consistency_weight * term
         return loss, term, objective
 
@@ -571,6 +579,9 @@ class CooperativeOptimizer(torch.optim.Optimizer):
                 inputs = self._inputs(task, batch)
                 if noise is not None:
                     outputs = self._sampled_outputs(inputs, per_sample, stacked)
+                    if self.running_stats == "clean":
+                        with torch.no_grad():
+                            self._forward(inputs, {}, update_stats=True)
                 else:
                     outputs = [self._forward(inputs, {}, self.running_stats != "frozen")]
                 loss = torch.stack([self._loss(task, o, batch) for o in outputs]).mean()

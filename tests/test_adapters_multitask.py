@@ -179,3 +179,23 @@ def test_missing_extra_names_what_to_install(monkeypatch: pytest.MonkeyPatch, fa
     with pytest.raises(ImportError, match=rf"pip install 'cooperative-opt\[{family}\]'"):
         call(adapter)  # type: ignore[operator]
     assert getattr(adapters, family) is adapter
+
+
+def test_fed_classifier_survives_a_mixing_layer_driven_negative() -> None:
+    """Regression: with large segmentation logits an Adam step can push every mixed unit below zero; the
+    ReLU then dies and the head outputs one constant for every image (seen on the REFUGE benchmark).
+    The batch normalization after the mixing convolution re-centres the units, so the signal survives."""
+    from adapters import FedClassifier
+
+    torch.manual_seed(0)
+    fed = FedClassifier(8, 3, 2)
+    with torch.no_grad():
+        fed.mix.weight[:, 8:] = -1.0  # every unit now reads minus the (positive, large) segmentation logits
+    deep = [torch.randn(6, 8, 4, 4).relu()]
+    source = 50.0 + torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        logits = fed(deep, source)
+    assert float(logits.std(dim=0).min()) > 1e-6  # images are told apart (a dead head gives exactly 0)
+    pre_activation = fed.norm(fed.mix(torch.cat([deep[0], F.adaptive_avg_pool2d(source, (4, 4))], 1)))
+    active = (pre_activation > 0).float().mean(dim=(0, 2, 3))
+    assert bool(((active > 0.2) & (active < 0.8)).all())

@@ -226,7 +226,9 @@ def test_quick_run_trains_every_method_and_writes_json_and_figures(tmp_path: Pat
     _check_outputs(results, tmp_path, METHODS)
     assert results["data_source"] == "synthetic" and results["tasks"] == list(TASKS)
     # MT-COOL really ran its warm-up then cooperative steps; the gradient methods are not Joint in disguise
-    assert results["methods"]["mt_cool"]["runs"][0]["warmup_steps"] == 2
+    # quick: 20 training images in batches of 4 = 5 steps per epoch, warm-up one epoch
+    assert results["config"]["train_size"] == 20 and results["config"]["batch_size"] == 4
+    assert results["methods"]["mt_cool"]["runs"][0]["warmup_steps"] == 5
     joint = results["methods"]["joint"]["runs"][0]["curves"]["train_loss"]
     assert results["methods"]["mgda"]["runs"][0]["curves"]["train_loss"] != joint
 
@@ -241,8 +243,21 @@ def test_quick_run_reads_the_real_layout(tmp_path: Path) -> None:
 
 
 def test_bad_options_are_rejected_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ValueError, match="--image-size must be a multiple of 32"):
+    with pytest.raises(ValueError, match="--image-size must be a multiple of 16"):
         main(["--quick", "--image-size", "40", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["--methods", "joint,sam"])
     assert "unknown method(s) ['sam']" in capsys.readouterr().err
+
+
+def test_cosine_schedule_is_the_default_and_changes_training(tmp_path: Path) -> None:
+    def run(*extra: str) -> dict[str, Any]:
+        argv = ["--quick", "--methods", "joint,mt_cool", *extra, "--out-dir", str(tmp_path), "--no-progress"]
+        return main(argv)
+
+    cosine, constant = run(), run("--schedule", "constant")
+    assert cosine["config"]["schedule"] == "cosine" and constant["config"]["schedule"] == "constant"
+    for method in ("joint", "mt_cool"):
+        first = cosine["methods"][method]["runs"][0]["curves"]["train_loss"]
+        second = constant["methods"][method]["runs"][0]["curves"]["train_loss"]
+        assert first != second  # the schedule reached every method's optimizer

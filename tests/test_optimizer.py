@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -383,7 +384,10 @@ def test_seed_makes_runs_reproducible_and_differs_otherwise() -> None:
 
 @pytest.mark.parametrize(
     "policy, vectorize, per_task",
-    [("once", False, 1), ("once", True, 1), ("every_sample", False, 3), ("frozen", False, 0), ("frozen", True, 0)],
+    [
+        ("once", False, 1), ("once", True, 1), ("every_sample", False, 3), ("frozen", False, 0), ("frozen", True, 0),
+        ("clean", False, 1), ("clean", True, 1),
+    ],
 )
 def test_running_stats_policy(policy: str, vectorize: bool, per_task: int) -> None:
     model = make_model(NAMES, batchnorm=True)
@@ -394,6 +398,44 @@ def test_running_stats_policy(policy: str, vectorize: bool, per_task: int) -> No
     opt.step(make_batches(NAMES))
     assert int(bn.num_batches_tracked) == per_task * 2 * len(NAMES)  # per sample x inner steps x tasks
     assert torch.equal(bn.running_mean, mean_before) == (per_task == 0)
+
+
+def _clean_statistics(model: Any, batches: dict[str, tuple[Tensor, Tensor]], passes: int) -> dict[str, Tensor]:
+    """Reference: a copy of ``model`` (weights untouched) runs plain train-mode forwards, task by task."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for task, (x, _) in batches.items():
+            for _ in range(passes):
+                reference(x, task)
+    return {n: b.clone() for n, b in reference.named_buffers()}
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+@pytest.mark.parametrize("reference", ["mean", "clean"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_clean_running_stats_equal_noise_free_forwards(warmup: int, reference: str, vectorize: bool) -> None:
+    """lr = 0 keeps the weights fixed, so "clean" statistics must equal those of plain forwards exactly,
+    counted once per task and inner step even when the clean consistency reference runs its own pass."""
+    torch.manual_seed(0)
+    model = make_model(NAMES, batchnorm=True)
+    batches = make_batches(NAMES)
+    inner = 1 if warmup else 2
+    expected = _clean_statistics(model, batches, inner)
+    opt = _opt(model, lr=0.0, bound=0.5, samples=3, inner_steps=inner, warmup_steps=warmup,
+               consistency_reference=reference, running_stats="clean", vectorize=vectorize)
+    opt.step(batches)
+    buffers = dict(model.named_buffers())
+    for name, value in expected.items():
+        torch.testing.assert_close(buffers[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_once_running_stats_see_the_noise_and_clean_ones_do_not() -> None:
+    torch.manual_seed(0)
+    model = make_model(NAMES, batchnorm=True)
+    batches = make_batches(NAMES)
+    expected = _clean_statistics(model, batches, 1)
+    _opt(model, lr=0.0, bound=0.5, running_stats="once").step(batches)
+    assert not torch.allclose(dict(model.named_buffers())["encoder.1.running_var"], expected["encoder.1.running_var"])
 
 
 def test_vmap_and_loop_agree() -> None:
