@@ -154,6 +154,7 @@ class Training:
         momentum: SGD momentum (ignored by Adam).
         weight_decay: L2 weight decay of the base optimizer.
         bound: MT-COOL noise/clamp bound b.
+        noise_bound: MT-COOL noise bound alone (``None``: ``bound``); the clamp keeps ``bound``.
         samples: MT-COOL noise samples M.
         inner_steps: MT-COOL inner steps L.
         consistency_weight: MT-COOL lambda, ``None`` for the library default.
@@ -172,6 +173,7 @@ class Training:
     momentum: float = 0.0
     weight_decay: float = 0.0
     bound: float = 0.05
+    noise_bound: float | None = None
     samples: int = 1
     inner_steps: int = 1
     consistency_weight: float | None = None
@@ -474,6 +476,7 @@ class CooperativeLearner:
                 consistency_reference=reference,
                 consistency_weight=training.consistency_weight,
                 bound=training.bound,
+                noise_bound=training.noise_bound,
                 samples=training.samples,
                 inner_steps=training.inner_steps,
                 warmup_steps=training.warmup_steps,

@@ -89,6 +89,7 @@ class ScenarioConfig:
             ``CosineAnnealingLR`` from ``lr`` to 0 over all steps, the same for every method).
         methods: methods to run, in :data:`benchmarks._methods.METHODS` order.
         bound, samples, inner_steps, consistency_weight: MT-COOL b, M, L, lambda.
+        noise_bound: MT-COOL noise bound alone (``None``: ``bound``; the clamp keeps ``bound``).
         warmup_epochs: MT-COOL warm-up length in epochs.
         cagrad_c: CAGrad's c.
         image_size: images are ``image_size x image_size``.
@@ -111,6 +112,7 @@ class ScenarioConfig:
     schedule: Literal["constant", "cosine"]
     methods: tuple[str, ...]
     bound: float
+    noise_bound: float | None
     samples: int
     inner_steps: int
     consistency_weight: float | None
@@ -194,6 +196,8 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
         help=f"learning-rate schedule, cosine = decay to 0 over the run (default {d.get('schedule', 'constant')})")
     add("--methods", type=method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
     add("--bound", type=NON_NEGATIVE, default=d.get("bound", 0.05), help=f"MT-COOL bound b (default {d.get('bound', 0.05)})")
+    add("--noise-bound", type=NON_NEGATIVE, default=None,
+        help="MT-COOL noise bound alone; the clamp keeps --bound (default: --bound)")
     add("--samples", type=POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
     add("--inner-steps", type=POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
     add("--consistency-weight", type=NON_NEGATIVE, default=None, help="MT-COOL lambda (default: library's)")
@@ -236,6 +240,7 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         schedule=args.schedule,
         methods=tuple(args.methods),
         bound=args.bound,
+        noise_bound=args.noise_bound,
         samples=args.samples,
         inner_steps=args.inner_steps,
         consistency_weight=args.consistency_weight,
@@ -272,6 +277,7 @@ def _training(config: ScenarioConfig, seed: int, warmup_steps: int) -> Training:
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         bound=config.bound,
+        noise_bound=config.noise_bound,
         samples=config.samples,
         inner_steps=config.inner_steps,
         consistency_weight=config.consistency_weight,

@@ -31,7 +31,10 @@ ENCODER: Final[str] = "resnet18"
 """smp encoder name (random initialisation)."""
 
 ENCODER_DEPTH: Final[int] = 4
-"""Down-sampling stages used: stem, layer1, layer2, layer3 (a 64 px image bottoms out at 4 x 4)."""
+"""Down-sampling stages used: stem, layer1, layer2, layer3.
+
+The deepest map is 1/16 of the image side: 3 x 3 at 48 px, 4 x 4 at 64 px.
+"""
 
 DECODER_CHANNELS: Final[tuple[int, ...]] = (64, 32, 16, 8)
 """UNet decoder widths, one per stage (smp's default for depth 4 is 256, 128, 64, 32)."""

@@ -184,7 +184,7 @@ SCENARIO: Final[Scenario] = Scenario(
     metrics=_METRICS,
     curve_metric={"artery_vein": "av_f1", "vessel": "vessel_f1"},
     defaults={
-        "seeds": 3, "epochs": 6, "train_size": 96, "test_size": 32, "image_size": 64, "warmup_epochs": 1,
+        "seeds": 3, "epochs": 4, "train_size": 96, "test_size": 32, "image_size": 64, "warmup_epochs": 1,
         "batch_size": 4, "optimizer": "adam", "lr": 2e-3, "schedule": "cosine",
     },
     quick={"seeds": 1, "epochs": 2, "train_size": 8, "test_size": 4, "image_size": 32, "warmup_epochs": 1},

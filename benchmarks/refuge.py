@@ -207,8 +207,8 @@ SCENARIO: Final[Scenario] = Scenario(
     metrics=_METRICS,
     curve_metric={"disc_cup": "dice_cup", "glaucoma": "auroc"},
     defaults={
-        "seeds": 3, "epochs": 4, "train_size": 128, "test_size": 80, "image_size": 64, "warmup_epochs": 1,
-        "batch_size": 4, "optimizer": "adam", "lr": 1e-3, "schedule": "cosine",
+        "seeds": 3, "epochs": 4, "train_size": 128, "test_size": 80, "image_size": 48, "warmup_epochs": 1,
+        "batch_size": 4, "optimizer": "adam", "lr": 2e-3, "schedule": "cosine",
     },
     quick={"seeds": 1, "epochs": 2, "train_size": 20, "test_size": 20, "image_size": 32, "warmup_epochs": 1},
     problem=problem,

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -273,24 +273,43 @@ def _problem_and_batches(name: str, device: torch.device) -> tuple[Any, dict[str
     raise ValueError(f"--problems: unknown {name!r}; choose from resnet18, unet")
 
 
-def _learners(problem: Any, device: torch.device) -> dict[str, Any]:
-    """Every method's learner on ``problem``, MT-COOL at each M of :data:`MT_COOL_SAMPLES`."""
-    from benchmarks._methods import METHODS, Training, build_learner
+def method_labels() -> list[str]:
+    """Row labels of the every-method table: each method, MT-COOL at each M of :data:`MT_COOL_SAMPLES`
+    with ``running_stats="once"`` (the plain-PyTorch cost), and once more at M = 1 with ``"clean"``."""
+    from benchmarks._methods import METHODS
 
-    learners: dict[str, Any] = {}
+    labels: list[str] = []
+    for method in METHODS:
+        if method == "mt_cool":
+            labels += [f"mt_cool (M={m})" for m in MT_COOL_SAMPLES] + ["mt_cool (M=1, clean stats)"]
+        else:
+            labels.append(method)
+    return labels
+
+
+def _learner(problem: Any, label: str, device: torch.device) -> Any:
+    """The learner a :func:`method_labels` row times (and its memory subprocess measures)."""
+    from benchmarks._methods import Training, build_learner
+
+    method, _, options = label.partition(" (")
+    samples = 1
+    running_stats: Literal["once", "clean"] = "once"
+    for option in filter(None, options.rstrip(")").split(", ")):
+        if option.startswith("M="):
+            samples = int(option[2:])
+        elif option == "clean stats":
+            running_stats = "clean"
+        else:
+            raise ValueError(f"method label {label!r}: unknown option {option!r}; see method_labels()")
+    training = Training(lr=1e-3, samples=samples, running_stats=running_stats, device=str(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        for method in METHODS:
-            if method == "mt_cool":
-                for m in MT_COOL_SAMPLES:
-                    learners[f"mt_cool (M={m})"] = build_learner(
-                        method, problem, Training(lr=1e-3, samples=m, running_stats="once", device=str(device)))
-                learners["mt_cool (M=1, clean stats)"] = build_learner(
-                    method, problem, Training(lr=1e-3, samples=1, running_stats="clean", device=str(device)))
-            else:
-                learners[method] = build_learner(
-                    method, problem, Training(lr=1e-3, running_stats="once", device=str(device)))
-    return learners
+        return build_learner(method, problem, training)
+
+
+def _learners(problem: Any, device: torch.device) -> dict[str, Any]:
+    """Every row's learner on ``problem`` (see :func:`method_labels`)."""
+    return {label: _learner(problem, label, device) for label in method_labels()}
 
 
 def method_table(problem_name: str, repeats: int, device: torch.device) -> list[dict[str, Any]]:
@@ -319,8 +338,7 @@ def _method_peak_child(problem_name: str, method: str, device_name: str) -> None
     """Subprocess: peak memory (MiB) of three steps of one method, as JSON (see :func:`_peak_memory_child`)."""
     device = torch.device(device_name)
     problem, batches = _problem_and_batches(problem_name, device)
-    learners = _learners_for(problem, method, device)
-    learner = learners[method]
+    learner = _learner(problem, method, device)
     learner.train_step(batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -330,16 +348,6 @@ def _method_peak_child(problem_name: str, method: str, device_name: str) -> None
         learner.train_step(batches)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mib("VmHWM")
     print(json.dumps({"peak_mib": peak}))
-
-
-def _learners_for(problem: Any, method: str, device: torch.device) -> dict[str, Any]:
-    from benchmarks._methods import Training, build_learner
-
-    base, _, m = method.partition(" (M=")
-    samples = int(m.rstrip(")")) if m else 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return {method: build_learner(base, problem, Training(lr=1e-3, samples=samples, device=str(device)))}
 
 
 def method_peak_memory(problem_name: str, method: str, device: torch.device) -> float:

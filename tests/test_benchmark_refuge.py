@@ -261,3 +261,17 @@ def test_cosine_schedule_is_the_default_and_changes_training(tmp_path: Path) -> 
         first = cosine["methods"][method]["runs"][0]["curves"]["train_loss"]
         second = constant["methods"][method]["runs"][0]["curves"]["train_loss"]
         assert first != second  # the schedule reached every method's optimizer
+
+
+def test_noise_bound_reaches_the_optimizer_and_leaves_the_clamp_at_bound() -> None:
+    from benchmarks._methods import build_learner
+    from benchmarks._scenario import _training, parse_args
+    from tests.test_benchmark_methods import _lenet_like_problem
+
+    config = parse_args(SCENARIO, ["--quick", "--noise-bound", "0.001", "--bound", "0.04"])
+    assert (config.noise_bound, config.bound) == (0.001, 0.04)
+    learner = build_learner("mt_cool", _lenet_like_problem(), _training(config, seed=0, warmup_steps=0))
+    assert (learner.optimizer.noise_bound, learner.optimizer.clamp_bound) == (0.001, 0.04)
+    default = parse_args(SCENARIO, ["--quick"])
+    learner = build_learner("mt_cool", _lenet_like_problem(), _training(default, seed=0, warmup_steps=0))
+    assert learner.optimizer.noise_bound == learner.optimizer.clamp_bound == default.bound
