@@ -145,7 +145,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             :mod:`cooperative_opt._running_stats` and ``docs/usage.md``).
             ``"clean"`` keeps noisy weights out of the statistics a model uses
             in ``eval()`` mode, at the cost of one gradient-free forward per
-            task and inner step.
+            task and inner step (none if the model has no normalization layers).
         vectorize: run the M samples batched with ``torch.func.vmap``:
             ``"auto"`` (when M > 1, falling back to a loop with a warning if
             the model cannot be vmapped), ``True`` (never fall back) or ``False``.
@@ -405,6 +405,11 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             return self.model(*inputs)
         return functional_call(self.model, replacements, inputs, tie_weights=self._tie_weights)
 
+    def _clean_stats_pass(self) -> bool:
+        """Whether ``running_stats="clean"`` needs its own noise-free forward (a model without
+        normalization buffers has no statistics to protect, so it is skipped there)."""
+        return self.running_stats == "clean" and bool(self._stats.buffers)
+
     def _use_vmap(self) -> bool:
         return (
             self.samples > 1
@@ -468,7 +473,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         active = self.samples > 1 or self.consistency_reference == "clean"
         with_term = self.consistency_weight > 0 and task.consistency is not None and active
         clean = None
-        if self.running_stats == "clean" or (with_term and self.consistency_reference == "clean"):
+        if self._clean_stats_pass() or (with_term and self.consistency_reference == "clean"):
             # one noise-free pass serves both the "clean" statistics and the "clean" consistency reference
             with torch.no_grad():
                 clean = self._forward(inputs, {}, update_stats=self.running_stats == "clean")
@@ -579,7 +584,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
                 inputs = self._inputs(task, batch)
                 if noise is not None:
                     outputs = self._sampled_outputs(inputs, per_sample, stacked)
-                    if self.running_stats == "clean":
+                    if self._clean_stats_pass():
                         with torch.no_grad():
                             self._forward(inputs, {}, update_stats=True)
                 else:

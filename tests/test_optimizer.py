@@ -429,6 +429,26 @@ def test_clean_running_stats_equal_noise_free_forwards(warmup: int, reference: s
         torch.testing.assert_close(buffers[name], value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_clean_running_stats_cost_nothing_without_normalization_layers(warmup: int) -> None:
+    """No BatchNorm, no statistics to keep clean: "clean" runs exactly the forwards of "once"."""
+    counts = {}
+    for policy in ("once", "clean"):
+        torch.manual_seed(0)
+        model = make_model(NAMES)
+        calls = [0]
+        model.encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        _opt(model, running_stats=policy, warmup_steps=warmup).step(make_batches(NAMES))
+        counts[policy] = calls[0]
+    assert counts["clean"] == counts["once"] > 0
+    torch.manual_seed(0)
+    with_bn = make_model(NAMES, batchnorm=True)
+    calls = [0]
+    with_bn.encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    _opt(with_bn, running_stats="clean", warmup_steps=warmup).step(make_batches(NAMES))
+    assert calls[0] == 2 * counts["once"]  # with BatchNorm: one extra clean forward per task
+
+
 def test_once_running_stats_see_the_noise_and_clean_ones_do_not() -> None:
     torch.manual_seed(0)
     model = make_model(NAMES, batchnorm=True)
