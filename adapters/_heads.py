@@ -141,18 +141,18 @@ class PooledClassifier(nn.Module):
         return pooled
 
 
-def _conv_class(spatial_dims: int) -> type[nn.Module]:
-    classes: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-    if spatial_dims not in classes:
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
-    return classes[spatial_dims]
+_LAYERS: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
+    1: (nn.Conv1d, nn.BatchNorm1d),
+    2: (nn.Conv2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.BatchNorm3d),
+}
+"""(convolution, batch norm) classes per number of spatial dimensions."""
 
 
-def _norm_class(spatial_dims: int) -> type[nn.Module]:
-    classes: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-    if spatial_dims not in classes:
+def _layer_classes(spatial_dims: int) -> tuple[type[nn.Module], type[nn.Module]]:
+    if spatial_dims not in _LAYERS:
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
-    return classes[spatial_dims]
+    return _LAYERS[spatial_dims]
 
 
 class FedClassifier(nn.Module):
@@ -186,8 +186,9 @@ class FedClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.index = tuple(index)
-        self.mix = _conv_class(spatial_dims)(in_channels + source_channels, in_channels, 3, padding=1, bias=False)
-        self.norm = _norm_class(spatial_dims)(in_channels)
+        conv, norm = _layer_classes(spatial_dims)
+        self.mix = conv(in_channels + source_channels, in_channels, 3, padding=1, bias=False)
+        self.norm = norm(in_channels)
         self.classifier = PooledClassifier(in_channels, classes, dropout)
 
     def forward(self, features: Any, source: Tensor) -> Tensor:

@@ -13,8 +13,9 @@ policy decides which passes may write the real buffers:
   and without gradient per task and inner step does (with
   ``consistency_reference="clean"`` the reference's own forward serves, at no
   extra cost). Evaluation runs the model with clean weights, so these are the
-  statistics it should normalize with: on the REFUGE benchmark, statistics
-  gathered under noise cost MT-COOL tens of cup-Dice points in ``eval()`` mode.
+  statistics it should normalize with (docs/usage.md, "BatchNorm statistics",
+  quotes what statistics gathered under noise cost on the REFUGE benchmark).
+  A model without normalization layers skips the extra forward.
 
 Without noise (``variant="vanilla"``) ``"once"`` and ``"clean"`` coincide.
 """
