@@ -155,6 +155,8 @@ class Training:
         weight_decay: L2 weight decay of the base optimizer.
         bound: MT-COOL noise/clamp bound b.
         noise_bound: MT-COOL noise bound alone (``None``: ``bound``); the clamp keeps ``bound``.
+        noise_scale: MT-COOL noise in ``"absolute"`` units (the paper) or ``"relative"`` to each
+            slice's root-mean-square value.
         samples: MT-COOL noise samples M.
         inner_steps: MT-COOL inner steps L.
         consistency_weight: MT-COOL lambda, ``None`` for the library default.
@@ -163,6 +165,8 @@ class Training:
             noise-free, gradient-free forward per task and step writes them) so that
             evaluation, which uses clean weights, normalizes with statistics of clean
             weights; the library's default ``"once"`` records them under noise.
+        sliced_layers: MT-COOL evaluates split layers slice by slice (the library default);
+            ``False`` runs them whole, for the speed table's comparison row.
         cagrad_c: CAGrad's radius scale c.
         seed: seeds the initialisation (global RNG) and MT-COOL's noise generator.
         device: torch device string.
@@ -174,11 +178,13 @@ class Training:
     weight_decay: float = 0.0
     bound: float = 0.05
     noise_bound: float | None = None
+    noise_scale: Literal["absolute", "relative"] = "absolute"
     samples: int = 1
     inner_steps: int = 1
     consistency_weight: float | None = None
     warmup_steps: int = 0
     running_stats: Literal["once", "every_sample", "frozen", "clean"] = "clean"
+    sliced_layers: bool = True
     cagrad_c: float = 0.4
     seed: int = 0
     device: str = "cpu"
@@ -474,13 +480,16 @@ class CooperativeLearner:
                 **kwargs,
                 variant=variant,
                 consistency_reference=reference,
-                consistency_weight=training.consistency_weight,
+                # options of a term the variant does not have are not passed (the optimizer rejects them)
+                consistency_weight=training.consistency_weight if variant == "mt_cool" else None,
                 bound=training.bound,
-                noise_bound=training.noise_bound,
+                noise_bound=training.noise_bound if variant != "vanilla" else None,
+                noise_scale=training.noise_scale if variant != "vanilla" else "absolute",
                 samples=training.samples,
                 inner_steps=training.inner_steps,
                 warmup_steps=training.warmup_steps,
                 running_stats=training.running_stats,
+                sliced_layers=training.sliced_layers,
                 seed=training.seed,
             )
         self.num_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -90,6 +90,7 @@ class ScenarioConfig:
         methods: methods to run, in :data:`benchmarks._methods.METHODS` order.
         bound, samples, inner_steps, consistency_weight: MT-COOL b, M, L, lambda.
         noise_bound: MT-COOL noise bound alone (``None``: ``bound``; the clamp keeps ``bound``).
+        noise_scale: MT-COOL noise ``"absolute"`` (the paper) or ``"relative"`` to each slice's scale.
         warmup_epochs: MT-COOL warm-up length in epochs.
         cagrad_c: CAGrad's c.
         image_size: images are ``image_size x image_size``.
@@ -113,6 +114,7 @@ class ScenarioConfig:
     methods: tuple[str, ...]
     bound: float
     noise_bound: float | None
+    noise_scale: Literal["absolute", "relative"]
     samples: int
     inner_steps: int
     consistency_weight: float | None
@@ -198,6 +200,9 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     add("--bound", type=NON_NEGATIVE, default=d.get("bound", 0.05), help=f"MT-COOL bound b (default {d.get('bound', 0.05)})")
     add("--noise-bound", type=NON_NEGATIVE, default=None,
         help="MT-COOL noise bound alone; the clamp keeps --bound (default: --bound)")
+    add("--noise-scale", choices=("absolute", "relative"), default="absolute",
+        help="MT-COOL noise U(-b, b) (absolute, the paper's) or U(-b r, b r) with r each slice's "
+             "root-mean-square value (relative); the clamp stays absolute (default absolute)")
     add("--samples", type=POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
     add("--inner-steps", type=POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
     add("--consistency-weight", type=NON_NEGATIVE, default=None, help="MT-COOL lambda (default: library's)")
@@ -241,6 +246,7 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         methods=tuple(args.methods),
         bound=args.bound,
         noise_bound=args.noise_bound,
+        noise_scale=args.noise_scale,
         samples=args.samples,
         inner_steps=args.inner_steps,
         consistency_weight=args.consistency_weight,
@@ -278,6 +284,7 @@ def _training(config: ScenarioConfig, seed: int, warmup_steps: int) -> Training:
         weight_decay=config.weight_decay,
         bound=config.bound,
         noise_bound=config.noise_bound,
+        noise_scale=config.noise_scale,
         samples=config.samples,
         inner_steps=config.inner_steps,
         consistency_weight=config.consistency_weight,

@@ -281,7 +281,8 @@ def method_labels() -> list[str]:
     labels: list[str] = []
     for method in METHODS:
         if method == "mt_cool":
-            labels += [f"mt_cool (M={m})" for m in MT_COOL_SAMPLES] + ["mt_cool (M=1, clean stats)"]
+            labels += [f"mt_cool (M={m})" for m in MT_COOL_SAMPLES]
+            labels += ["mt_cool (M=1, whole layers)", "mt_cool (M=1, clean stats)"]
         else:
             labels.append(method)
     return labels
@@ -294,14 +295,19 @@ def _learner(problem: Any, label: str, device: torch.device) -> Any:
     method, _, options = label.partition(" (")
     samples = 1
     running_stats: Literal["once", "clean"] = "once"
+    sliced_layers = True
     for option in filter(None, options.rstrip(")").split(", ")):
         if option.startswith("M="):
             samples = int(option[2:])
         elif option == "clean stats":
             running_stats = "clean"
+        elif option == "whole layers":
+            sliced_layers = False
         else:
             raise ValueError(f"method label {label!r}: unknown option {option!r}; see method_labels()")
-    training = Training(lr=1e-3, samples=samples, running_stats=running_stats, device=str(device))
+    training = Training(
+        lr=1e-3, samples=samples, running_stats=running_stats, sliced_layers=sliced_layers, device=str(device)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return build_learner(method, problem, training)

@@ -10,12 +10,19 @@ about zero and strictly inside ``(-b, b)``; the spacing (``b / 16384``,
 3.1e-6 for ``b = 0.05``) is far below anything a forward pass in float32
 resolves. The buffers are allocated
 once and reused at every step (fresh allocations page-fault on CPU).
+
+With ``relative=True`` the bound is a fraction of each slice's current
+root-mean-square value: ``eps_k ~ U(-b * rms(theta_k), b * rms(theta_k))``,
+the scales taken with one ``torch._foreach_norm`` at every draw. A slice that
+is all zeros (a freshly initialised bias) then gets no noise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import math
 
 import torch
 from torch import Tensor
@@ -57,6 +64,7 @@ class UniformNoise:
         task_params: per task, its encoder slices (theta_i) with their names, in task order.
         samples: number M of independent draws held at once.
         generators: one ``torch.Generator`` per device the slices live on.
+        relative: the bound is a fraction of each slice's root-mean-square value.
     """
 
     def __init__(
@@ -64,9 +72,11 @@ class UniformNoise:
         task_params: Sequence[Sequence[tuple[str, Tensor]]],
         samples: int,
         generators: dict[torch.device, torch.Generator],
+        relative: bool = False,
     ) -> None:
         self.samples = samples
         self.generators = generators
+        self.relative = relative
         keys: list[tuple[torch.device, torch.dtype]] = []
         for named in task_params:
             for _, p in named:
@@ -91,6 +101,9 @@ class UniformNoise:
         self._stacked = [self._make_stacked(t) for t in range(len(task_params))]
         names = {id(p): n for named in task_params for n, p in named}
         self._names = [[names[id(p)] for g in self._groups for p in g.params[t]] for t in range(len(task_params))]
+        # 1 / sqrt(numel) per slice turns a norm into a root-mean-square (empty slices: any finite factor)
+        self._rms_factors = [[1.0 / math.sqrt(max(p.numel(), 1)) for p in self.parameters(t)]
+                             for t in range(len(task_params))]
 
     def draw(self, tasks: Sequence[int], bound: float) -> None:
         """Fill the buffers of ``tasks`` with fresh noise in ``(-bound, bound)`` for every sample."""
@@ -110,6 +123,20 @@ class UniformNoise:
                 block.copy_(lattice[:, pos : pos + b - a])
                 block.mul_(scale)
                 pos += b - a
+        if self.relative:
+            self._scale_by_rms(tasks)
+
+    def _scale_by_rms(self, tasks: Sequence[int]) -> None:
+        """Multiply each slice's noise by the slice's current root-mean-square value."""
+        for t in tasks:
+            params = self.parameters(t)
+            if not params:
+                continue
+            with torch.no_grad():
+                rms = torch._foreach_norm(params)
+                torch._foreach_mul_(rms, self._rms_factors[t])
+                for sample in range(self.samples):
+                    torch._foreach_mul_(self._views[t][sample], rms)
 
     def _make_views(self, task: int, sample: int) -> list[Tensor]:
         return [

@@ -275,3 +275,21 @@ def test_noise_bound_reaches_the_optimizer_and_leaves_the_clamp_at_bound() -> No
     default = parse_args(SCENARIO, ["--quick"])
     learner = build_learner("mt_cool", _lenet_like_problem(), _training(default, seed=0, warmup_steps=0))
     assert learner.optimizer.noise_bound == learner.optimizer.clamp_bound == default.bound
+
+
+def test_noise_options_reach_the_noisy_variants_and_spare_vanilla() -> None:
+    from benchmarks._methods import COOPERATIVE_METHODS, build_learner
+    from benchmarks._scenario import _training, parse_args
+    from tests.test_benchmark_methods import _lenet_like_problem
+
+    config = parse_args(
+        SCENARIO, ["--quick", "--noise-bound", "0.01", "--noise-scale", "relative", "--consistency-weight", "0.5"]
+    )
+    assert config.noise_scale == "relative"
+    for method in COOPERATIVE_METHODS:  # vanilla has no noise, without_reg no consistency term: both still build
+        optimizer = build_learner(method, _lenet_like_problem(), _training(config, seed=0, warmup_steps=0)).optimizer
+        noisy = method != "vanilla"
+        assert (optimizer.noise_bound, optimizer.noise_scale) == ((0.01, "relative") if noisy else (None, "absolute"))
+        assert optimizer.consistency_weight == (0.5 if method.startswith("mt_cool") else 0)
+    assert parse_args(SCENARIO, ["--quick"]).noise_scale == "absolute"
+

@@ -16,20 +16,25 @@ def test_every_method_has_a_row_and_mt_cool_one_per_setting() -> None:
     labels = step_time.method_labels()
     assert [label for label in labels if not label.startswith("mt_cool ")] == [m for m in METHODS if m != "mt_cool"]
     assert [label for label in labels if label.startswith("mt_cool ")] == [
-        "mt_cool (M=1)", "mt_cool (M=2)", "mt_cool (M=4)", "mt_cool (M=1, clean stats)"]
+        "mt_cool (M=1)", "mt_cool (M=2)", "mt_cool (M=4)", "mt_cool (M=1, whole layers)",
+        "mt_cool (M=1, clean stats)"]
 
 
 @pytest.mark.parametrize(
-    ("label", "samples", "running_stats"),
-    [("mt_cool (M=1)", 1, "once"), ("mt_cool (M=4)", 4, "once"), ("mt_cool (M=1, clean stats)", 1, "clean"),
-     ("without_reg", 1, "once")],
+    ("label", "samples", "running_stats", "sliced"),
+    [("mt_cool (M=1)", 1, "once", True), ("mt_cool (M=4)", 4, "once", True),
+     ("mt_cool (M=1, whole layers)", 1, "once", False), ("mt_cool (M=1, clean stats)", 1, "clean", True),
+     ("without_reg", 1, "once", True)],
 )
-def test_the_memory_child_builds_the_learner_its_row_times(label: str, samples: int, running_stats: str) -> None:
+def test_the_memory_child_builds_the_learner_its_row_times(
+    label: str, samples: int, running_stats: str, sliced: bool
+) -> None:
     # The timing rows and the peak-memory subprocess go through the same builder, so a row's two
     # columns measure one configuration.
     learner = step_time._learner(_lenet_like_problem(), label, torch.device("cpu"))
     assert learner.optimizer.samples == samples
     assert learner.optimizer.running_stats == running_stats
+    assert (learner.optimizer._sliced is not None) is sliced
 
 
 def test_unknown_label_option_is_rejected_by_name() -> None:

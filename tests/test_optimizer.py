@@ -190,6 +190,8 @@ def test_bad_tasks_and_ownership_errors() -> None:
         (dict(running_stats="sometimes"), ValueError, "running_stats must be one of"),
         (dict(nonfinite="ignore"), ValueError, "nonfinite must be one of"),
         (dict(warmup_steps=-1), ValueError, "warmup_steps must be >= 0"),
+        (dict(noise_scale="per_tensor"), ValueError, "noise_scale must be one of"),
+        (dict(variant="vanilla", noise_scale="relative"), ValueError, "noise_scale='relative' conflicts with"),
     ],
 )
 def test_bad_hyperparameters(kwargs: dict[str, Any], error: type[Exception], pattern: str) -> None:
@@ -319,8 +321,9 @@ def test_exception_in_user_code_leaves_failing_task_as_before(inner_steps: int) 
     [
         dict(optimizer=torch.optim.Adam, lr=1e-2, samples=2, warmup_steps=12),
         dict(optimizer=torch.optim.SGD, lr=0.1, momentum=0.9, samples=1, consistency_reference="clean"),
+        dict(optimizer=torch.optim.SGD, lr=0.1, samples=2, noise_scale="relative"),
     ],
-    ids=["adam-m2-warmup-crossing", "sgd-momentum-clean"],
+    ids=["adam-m2-warmup-crossing", "sgd-momentum-clean", "sgd-m2-relative-noise"],
 )
 def test_checkpoint_resume_is_bit_identical(config: dict[str, Any]) -> None:
     names = ["a", "b", "c"]
@@ -361,6 +364,11 @@ def test_load_state_dict_validates() -> None:
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="lacks"):
         opt.load_state_dict(opt.base.state_dict())
+    with pytest.raises(ValueError, match="'noise_scale': \\('absolute', 'relative'\\)"):
+        _opt(model, seed=1, noise_scale="relative").load_state_dict(state)
+    before_noise_scale = dict(state, hyperparameters={
+        k: v for k, v in state["hyperparameters"].items() if k != "noise_scale"})
+    _opt(model, seed=1).load_state_dict(before_noise_scale)  # checkpoints from before the option: absolute
     wrong_tasks = dict(state, tasks=["x", "y"])
     with pytest.raises(ValueError, match=r"for tasks \['x', 'y'\]"):
         opt.load_state_dict(wrong_tasks)

@@ -143,6 +143,49 @@ def test_noise_generator_determinism() -> None:
     assert torch.equal(a.noise(1, 1)[0], b.noise(1, 1)[0])
 
 
+def _relative_noise(params: list[list[Tensor]], samples: int, seed: int = 0) -> UniformNoise:
+    named = [[(f"t{t}.p{i}", p) for i, p in enumerate(task)] for t, task in enumerate(params)]
+    return UniformNoise(named, samples, {torch.device("cpu"): torch.Generator().manual_seed(seed)}, relative=True)
+
+
+def _rms(t: Tensor) -> float:
+    return float(t.square().mean().sqrt()) if t.numel() else 0.0
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 400), min_size=1, max_size=4),
+    scales=st.lists(st.floats(1e-3, 1e3), min_size=4, max_size=4),
+    samples=st.integers(1, 3),
+    bound=st.floats(1e-3, 0.5),
+)
+def test_relative_noise_scales_with_each_slice(sizes: list[int], scales: list[float], samples: int,
+                                               bound: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    mine = [torch.randn(n, generator=g) * scales[i % 4] for i, n in enumerate(sizes)]
+    noise = _relative_noise([mine, [torch.randn(3, generator=g)]], samples)
+    noise.draw([0], bound)
+    for j in range(samples):
+        for eps, p in zip(noise.noise(0, j), mine):
+            limit = bound * _rms(p)
+            assert eps.numel() == 0 or float(eps.abs().max()) <= limit * (1 + 1e-6)
+            if p.numel() >= 200:  # a uniform sample of this size reaches close to its bound
+                assert float(eps.abs().max()) > 0.9 * limit
+
+
+def test_relative_noise_is_the_absolute_draw_times_the_rms() -> None:
+    g = torch.Generator().manual_seed(2)
+    params = [[torch.randn(50, 4, generator=g) * 0.03, torch.zeros(7), torch.full((5,), -2.0)], [torch.randn(9)]]
+    relative = _relative_noise(params, samples=2, seed=7)
+    absolute, _ = _noise([[(50, 4), (7,), (5,)], [(9,)]], samples=2, seed=7)
+    relative.draw([0, 1], 0.05)
+    absolute.draw([0, 1], 0.05)
+    for j in range(2):
+        for eps, ref, p in zip(relative.noise(0, j), absolute.noise(0, j), params[0]):
+            torch.testing.assert_close(eps, ref * _rms(p))
+    assert float(relative.noise(0, 0)[1].abs().max()) == 0.0  # an all-zero slice gets no noise
+
+
 def test_task_defaults() -> None:
     from cooperative_opt import Task
 

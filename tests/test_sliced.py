@@ -1,0 +1,167 @@
+"""Slice-by-slice evaluation of split layers: same function, fewer weight gradients."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from cooperative_opt import CooperativeOptimizer
+from cooperative_opt._sliced import SlicedLayers
+from tests.conftest import make_batches, make_model, make_tasks
+
+
+class _Calls(TorchFunctionMode):
+    """Counts the torch functions that reach it (entered outside SlicedLayers, it sees the per-slice calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count[getattr(func, "__name__", str(func))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _pieces(rows: list[int], rest: tuple[int, ...], trainable: int = 0) -> list[Tensor]:
+    return [torch.randn(r, *rest, requires_grad=i == trainable) for i, r in enumerate(rows)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2, 3]),
+    rows=st.lists(st.integers(0, 4), min_size=2, max_size=4).filter(lambda r: sum(r) > 0),
+    channels=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    dilation=st.integers(1, 2),
+    bias=st.booleans(),
+    batched=st.booleans(),
+)
+def test_conv_matches_whole_layer(
+    dims: int, rows: list[int], channels: int, stride: int, padding: int, dilation: int, bias: bool, batched: bool
+) -> None:
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    trainable = next(i for i, r in enumerate(rows) if r > 0)
+    weights = _pieces(rows, (channels,) + (3,) * dims, trainable)
+    biases = _pieces(rows, (), trainable) if bias else []
+    x = torch.randn(*([2] if batched else []), channels, *([7] * dims))
+    kwargs: dict[str, Any] = dict(stride=stride, padding=padding, dilation=dilation)
+
+    def run() -> Tensor:
+        b = torch.cat(biases) if bias else None
+        out: Tensor = conv(x, torch.cat(weights), b, **kwargs)
+        return out
+
+    expected = run()
+    (want,) = torch.autograd.grad(expected.square().sum(), [weights[trainable]])
+    with _Calls() as calls, SlicedLayers(weights + biases):
+        got = run()
+    (have,) = torch.autograd.grad(got.square().sum(), [weights[trainable]])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-4)
+    assert calls.count[conv.__name__] == sum(r > 0 for r in rows)  # one call per non-empty slice
+
+
+def test_linear_matches_whole_layer_with_leading_dims() -> None:
+    weights, biases = _pieces([3, 2, 4], (5,)), _pieces([3, 2, 4], ())
+    x = torch.randn(2, 6, 5)
+    expected = F.linear(x, torch.cat(weights), torch.cat(biases))
+    with _Calls() as calls, SlicedLayers(weights + biases):
+        got = F.linear(x, torch.cat(weights), torch.cat(biases))
+    torch.testing.assert_close(got, expected)
+    assert calls.count["linear"] == 3
+
+
+def test_unsplit_bias_is_cut_to_the_slices() -> None:
+    weights = _pieces([2, 3], (4, 3, 3))
+    bias = torch.randn(5, requires_grad=True)
+    x = torch.randn(1, 4, 6, 6)
+    with SlicedLayers(weights):
+        got = F.conv2d(x, torch.cat(weights), bias)
+    torch.testing.assert_close(got, F.conv2d(x, torch.cat(weights), bias))
+    (grad,) = torch.autograd.grad(got.sum(), [bias])
+    torch.testing.assert_close(grad, torch.full((5,), 16.0))  # 4 x 4 output positions
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown tensors", "cat along dim 1", "concatenate along axis 1", "grouped conv", "one piece", "vector weight"],
+)
+def test_layers_run_whole_when_slicing_does_not_apply(case: str) -> None:
+    a, b = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    x = torch.randn(1, 4, 6, 6)
+    known: list[Tensor] = [a, b]
+    run: Callable[[], Tensor] = lambda: F.conv2d(x, torch.cat([a, b]))  # noqa: E731
+    name = "conv2d"
+    if case == "unknown tensors":
+        known = [a]
+    elif case == "cat along dim 1":
+        run = lambda: F.conv2d(torch.randn(1, 8, 6, 6), torch.cat([a, b], 1))  # noqa: E731
+    elif case == "concatenate along axis 1":
+        run = lambda: F.conv2d(torch.randn(1, 8, 6, 6), torch.concatenate([a, b], axis=1))  # noqa: E731
+    elif case == "grouped conv":
+        run = lambda: F.conv2d(torch.randn(1, 8, 6, 6), torch.cat([a, b]), groups=2)  # noqa: E731
+    elif case == "one piece":
+        run = lambda: F.conv2d(x, torch.cat([a]))  # noqa: E731
+    else:
+        u, v = torch.randn(3), torch.randn(2)
+        known, name = [u, v], "linear"
+        run = lambda: F.linear(torch.randn(4, 5), torch.cat([u, v]))  # noqa: E731
+    with _Calls() as calls, SlicedLayers(known):
+        run()
+    assert calls.count[name] == 1
+
+
+def _backward_flops(fn: Callable[[], Tensor], inputs: list[Tensor]) -> int:
+    out = fn()
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.backward(out.square().sum(), inputs=inputs)
+    return int(counter.get_total_flops())
+
+
+def test_weight_gradients_of_frozen_slices_are_not_computed() -> None:
+    own = torch.randn(8, 16, 3, 3, requires_grad=True)
+    noisy = torch.randn(8, 16, 3, 3)  # another task's (noisy) slice: no gradient wanted
+    x = torch.randn(4, 16, 12, 12, requires_grad=True)  # features that depend on earlier trainable layers
+
+    def run() -> Tensor:
+        out: Tensor = F.conv2d(x, torch.cat([own, noisy]), padding=1)
+        return out
+
+    whole = _backward_flops(run, [own, x])
+    with SlicedLayers([own, noisy]):
+        sliced = _backward_flops(run, [own, x])
+    per_gradient = 2 * 4 * 12 * 12 * 8 * 16 * 9  # one weight or input gradient of an 8-row slice
+    assert whole == 4 * per_gradient  # input and weight gradients of both slices
+    assert sliced == 3 * per_gradient  # the noisy slice's weight gradient is skipped
+
+
+def test_optimizer_step_does_less_backward_work_with_sliced_layers() -> None:
+    names = ["a", "b"]
+    flops = {}
+    for sliced in (False, True):
+        torch.manual_seed(0)
+        model = make_model(names, width=8, hidden=6)
+        opt = CooperativeOptimizer(
+            model, make_tasks(model, names), torch.optim.SGD, lr=0.1, variant="without_reg", sliced_layers=sliced
+        )
+        with FlopCounterMode(display=False) as counter:
+            opt.step(make_batches(names, seed=0))
+        flops[sliced] = counter.get_total_flops()
+    assert flops[True] < flops[False]
+
+
+def test_sliced_layers_must_be_a_bool() -> None:
+    model = make_model(["a", "b"])
+    with pytest.raises(TypeError, match="sliced_layers must be True or False"):
+        CooperativeOptimizer(model, make_tasks(model, ["a", "b"]), sliced_layers="yes")  # type: ignore[arg-type]
