@@ -453,10 +453,11 @@ class CooperativeLearner:
     def __init__(self, problem: Problem, training: Training, method: str) -> None:
         try:
             import adapters
-            from cooperative_opt import CooperativeOptimizer, Task
+            from cooperative_opt import VARIANTS, CooperativeOptimizer, Task
         except ImportError as error:
             raise RuntimeError(_missing_core_message(error)) from error
         variant, reference = COOPERATIVE_METHODS[method]
+        spec = VARIANTS[variant]
         self.model = _check_network(problem.multi_task()).to(training.device)
         adapters.split_channels(_encoder(self.model), list(problem.tasks))
         tasks = [
@@ -481,10 +482,10 @@ class CooperativeLearner:
                 variant=variant,
                 consistency_reference=reference,
                 # options of a term the variant does not have are not passed (the optimizer rejects them)
-                consistency_weight=training.consistency_weight if variant == "mt_cool" else None,
+                consistency_weight=training.consistency_weight if spec.consistency else None,
                 bound=training.bound,
-                noise_bound=training.noise_bound if variant != "vanilla" else None,
-                noise_scale=training.noise_scale if variant != "vanilla" else "absolute",
+                noise_bound=training.noise_bound if spec.noise else None,
+                noise_scale=training.noise_scale if spec.noise else "absolute",
                 samples=training.samples,
                 inner_steps=training.inner_steps,
                 warmup_steps=training.warmup_steps,

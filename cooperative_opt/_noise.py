@@ -19,10 +19,9 @@ is all zeros (a freshly initialised bias) then gets no noise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import math
 
 import torch
 from torch import Tensor
@@ -99,11 +98,11 @@ class UniformNoise:
             self._groups.append(_Group(device, values, bits, ranges, per_task, offsets))
         self._views = [[self._make_views(t, j) for j in range(samples)] for t in range(len(task_params))]
         self._stacked = [self._make_stacked(t) for t in range(len(task_params))]
+        self._params = [[p for g in self._groups for p in g.params[t]] for t in range(len(task_params))]
         names = {id(p): n for named in task_params for n, p in named}
-        self._names = [[names[id(p)] for g in self._groups for p in g.params[t]] for t in range(len(task_params))]
+        self._names = [[names[id(p)] for p in params] for params in self._params]
         # 1 / sqrt(numel) per slice turns a norm into a root-mean-square (empty slices: any finite factor)
-        self._rms_factors = [[1.0 / math.sqrt(max(p.numel(), 1)) for p in self.parameters(t)]
-                             for t in range(len(task_params))]
+        self._rms_factors = [[1.0 / math.sqrt(max(p.numel(), 1)) for p in params] for params in self._params]
 
     def draw(self, tasks: Sequence[int], bound: float) -> None:
         """Fill the buffers of ``tasks`` with fresh noise in ``(-bound, bound)`` for every sample."""
@@ -129,7 +128,7 @@ class UniformNoise:
     def _scale_by_rms(self, tasks: Sequence[int]) -> None:
         """Multiply each slice's noise by the slice's current root-mean-square value."""
         for t in tasks:
-            params = self.parameters(t)
+            params = self._params[t]
             if not params:
                 continue
             with torch.no_grad():
@@ -162,7 +161,7 @@ class UniformNoise:
 
     def parameters(self, task: int) -> list[Tensor]:
         """``task``'s slices in the order used by :meth:`noise`."""
-        return [p for g in self._groups for p in g.params[task]]
+        return list(self._params[task])
 
     def names(self, task: int) -> list[str]:
         """Names (relative to the model) of ``task``'s slices in the order used by :meth:`noise`."""

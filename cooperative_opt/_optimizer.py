@@ -734,8 +734,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         return (
             f"CooperativeOptimizer(tasks={[t.name for t in self.tasks]}, variant={self.variant!r}, "
             f"noise_bound={self.noise_bound}, clamp_bound={self.clamp_bound}, noise_scale={self.noise_scale!r}, "
-            f"samples={self.samples}, "
-            f"inner_steps={self.inner_steps}, consistency_weight={self.consistency_weight}, "
+            f"samples={self.samples}, inner_steps={self.inner_steps}, consistency_weight={self.consistency_weight}, "
             f"consistency_reference={self.consistency_reference!r}, warmup_steps={self.warmup_steps}, "
             f"base={type(self.base).__name__})"
         )

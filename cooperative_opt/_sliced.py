@@ -100,17 +100,13 @@ class SlicedLayers(TorchFunctionMode):
 
     def _conv(self, func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         bound = _bound(_CONV_ARGS, args, kwargs)
-        weight, bias = bound.get("weight"), bound.get("bias")
+        weight, bias = bound.pop("weight", None), bound.pop("bias", None)
         split = self._split(weight, bias) if isinstance(weight, Tensor) and bound.get("groups", 1) == 1 else None
         if split is None:
             return func(*args, **kwargs)
-        pieces, biases = split
         x = bound.pop("input")
-        del bound["weight"]
-        bound.pop("bias", None)
-        batched = x.dim() == _CONVS[func] + 2
-        outs = [func(x, w, b, **bound) for w, b in zip(pieces, biases) if w.shape[0] > 0]
-        return torch.cat(outs, 1 if batched else 0)
+        channels = 1 if x.dim() == _CONVS[func] + 2 else 0  # batched or unbatched input
+        return _per_slice(lambda w, b: func(x, w, b, **bound), *split, channels)
 
     def _linear(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         bound = _bound(("input", "weight", "bias"), args, kwargs)
@@ -118,6 +114,15 @@ class SlicedLayers(TorchFunctionMode):
         split = self._split(weight, bias) if isinstance(weight, Tensor) and weight.dim() == 2 else None
         if split is None:
             return F.linear(*args, **kwargs)
-        pieces, biases = split
         x = bound["input"]
-        return torch.cat([F.linear(x, w, b) for w, b in zip(pieces, biases) if w.shape[0] > 0], -1)
+        return _per_slice(lambda w, b: F.linear(x, w, b), *split, -1)
+
+
+def _per_slice(
+    layer: Callable[[Tensor, Tensor | None], Tensor],
+    pieces: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    channels: int,
+) -> Tensor:
+    """``layer`` once per non-empty weight slice, outputs concatenated along dimension ``channels``."""
+    return torch.cat([layer(w, b) for w, b in zip(pieces, biases) if w.shape[0] > 0], channels)
