@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from cooperative_opt import task_slices
+
 from adapters._rules import WHOLE, SplitRule, channel_dim, slice_sizes, split_rule
 
 __all__ = [
@@ -415,34 +417,11 @@ def task_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]
     parameter tied between modules appears once, under its first name.
 
     Raises ``ValueError`` if ``model`` holds no split module, or split modules
-    whose task names disagree.
+    whose task names disagree. This is the core's discovery
+    (:func:`cooperative_opt.task_slices`): :class:`ChannelSplit` implements
+    its ``TaskSlicing`` protocol.
     """
-    result: dict[str, list[tuple[str, nn.Parameter]]] = {}
-    task_order: tuple[str, ...] | None = None
-    seen: set[int] = set()
-    for module_name, sub, tensor_name, split in _splits(model):
-        plist = dict(_plist_items(sub))[tensor_name]
-        first_slice = getattr(plist, "original0")
-        if id(first_slice) in seen:  # a tied parameter: listed once, under its first name
-            continue
-        seen.add(id(first_slice))
-        if task_order is None:
-            task_order = split.task_names
-            result = {name: [] for name in task_order}
-        elif split.task_names != task_order:
-            raise ValueError(
-                f"module {module_name!r} is split between tasks {list(split.task_names)} but other modules "
-                f"between {list(task_order)}; split every encoder with the same task_names"
-            )
-        prefix = _qualified(module_name, f"parametrizations.{tensor_name}")
-        for k in range(len(split.sizes)):
-            param = getattr(plist, f"original{k}")
-            result[split.owner(k)].append((f"{prefix}.original{k}", param))
-    if task_order is None:
-        raise ValueError(
-            f"{type(model).__name__} holds no channel-split module; call adapters.split_channels(encoder, task_names) first"
-        )
-    return result
+    return task_slices(model)
 
 
 def _merge_all(module: nn.Module) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import adapters
+from cooperative_opt._slices import task_slices
 from cooperative_opt._task import Task
 
 __all__ = ["TaskParameters", "resolve_ownership"]
@@ -54,7 +54,7 @@ def _named_encoder_slices(
     model: nn.Module, tasks: list[Task], task_parameters: Mapping[str, Iterable[tuple[str, nn.Parameter]]] | None
 ) -> dict[str, list[tuple[str, nn.Parameter]]]:
     if task_parameters is None:
-        found = adapters.task_parameters(model)
+        found = task_slices(model)
     else:
         found = {name: list(params) for name, params in task_parameters.items()}
     expected = [t.name for t in tasks]
@@ -74,7 +74,7 @@ def resolve_ownership(
     """Validate ``tasks`` and assign every trainable parameter of ``model`` to one task.
 
     ``task_parameters`` overrides the encoder slices found by
-    :func:`adapters.task_parameters` (``{task: [(name, param), ...]}``, names
+    :func:`cooperative_opt.task_slices` (what ``adapters.split_channels`` produces) (``{task: [(name, param), ...]}``, names
     relative to ``model``). Frozen parameters (``requires_grad=False``) are
     left out. Raises ``ValueError`` naming parameters owned by no task or by
     several.

@@ -57,6 +57,10 @@ class SlicedLayers(TorchFunctionMode):
         self._slices = {id(t) for t in slices}
         self._pieces: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
+    def track(self, slices: Iterable[Tensor]) -> None:
+        """Replace the tensors that count as task slices (their storages changed, e.g. after ``model.to``)."""
+        self._slices = {id(t) for t in slices}
+
     def __torch_function__(
         self,
         func: Callable[..., Any],

@@ -13,12 +13,32 @@ from torch import Tensor, nn
 import adapters
 
 from cooperative_opt import Task
+from cooperative_opt._noise import UniformNoise
+from tests.reference import NoiseLog
 
 
 @pytest.fixture(autouse=True)
 def _seeded() -> Iterator[None]:
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def noise_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[NoiseLog]:
+    """Record every noise draw of the optimizer, so the reference can replay it."""
+    log: NoiseLog = []
+    original = UniformNoise.draw
+
+    def draw(self: UniformNoise, tasks: Any, bound: float) -> None:
+        original(self, tasks, bound)
+        entry: dict[str, list[Tensor]] = {}
+        for k in tasks:
+            for i, name in enumerate(self.names(k)):
+                entry[name] = [self.noise(k, j)[i].clone() for j in range(self.samples)]
+        log.append(entry)
+
+    monkeypatch.setattr(UniformNoise, "draw", draw)
+    yield log
 
 
 class MultiTaskNet(nn.Module):

@@ -1,4 +1,4 @@
-"""A plain-loop reference implementation of MT-COOL (Algorithm 1 with ALGORITHM.md's decisions).
+"""A plain-loop reference implementation of MT-COOL (Algorithm 1 as docs/method.md states it).
 
 Deliberately naive: one parameter at a time, explicit formulas, plain SGD
 (``p <- p - lr * grad``, written as torch.optim.SGD writes it). The noise
@@ -67,13 +67,13 @@ class ReferenceMTCOOL:
         self.steps += 1
 
     def _warmup(self, batches: Mapping[str, Any], noise: NoiseLog | None) -> None:
-        eps = noise.pop(0) if noise is not None else {}
         thetas = [(n, p) for t in self.tasks for n, p in self.slices[t.name]]
         total = torch.zeros(())
         trainable: list[Tensor] = [p for _, p in thetas]
         for task in self.tasks:
             if task.name not in batches:
                 continue
+            eps = noise.pop(0) if noise is not None else {}  # each task's forward draws its own noise
             batch = batches[task.name]
             losses = []
             for j in range(self.samples if noise is not None else 1):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,29 +13,10 @@ from torch import Tensor
 
 import adapters
 from cooperative_opt import CooperativeOptimizer
-from cooperative_opt._noise import UniformNoise
 from tests.conftest import make_batches, make_model, make_tasks, params_of, same
 from tests.reference import NoiseLog, ReferenceMTCOOL
 
 NAMES = ["a", "b"]
-
-
-@pytest.fixture
-def noise_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[NoiseLog]:
-    """Record every noise draw of the optimizer, so the reference can replay it."""
-    log: NoiseLog = []
-    original = UniformNoise.draw
-
-    def draw(self: UniformNoise, tasks: Any, bound: float) -> None:
-        original(self, tasks, bound)
-        entry: dict[str, list[Tensor]] = {}
-        for k in tasks:
-            for i, name in enumerate(self.names(k)):
-                entry[name] = [self.noise(k, j)[i].clone() for j in range(self.samples)]
-        log.append(entry)
-
-    monkeypatch.setattr(UniformNoise, "draw", draw)
-    yield log
 
 
 def _twin(names: list[str], **kwargs: Any) -> tuple[Any, Any]:

@@ -271,10 +271,10 @@ def test_noise_bound_reaches_the_optimizer_and_leaves_the_clamp_at_bound() -> No
     config = parse_args(SCENARIO, ["--quick", "--noise-bound", "0.001", "--bound", "0.04"])
     assert (config.noise_bound, config.bound) == (0.001, 0.04)
     learner = build_learner("mt_cool", _lenet_like_problem(), _training(config, seed=0, warmup_steps=0))
-    assert (learner.optimizer.noise_bound, learner.optimizer.clamp_bound) == (0.001, 0.04)
+    assert (learner.optimizer.settings.noise_bound, learner.optimizer.settings.clamp_bound) == (0.001, 0.04)
     default = parse_args(SCENARIO, ["--quick"])
     learner = build_learner("mt_cool", _lenet_like_problem(), _training(default, seed=0, warmup_steps=0))
-    assert learner.optimizer.noise_bound == learner.optimizer.clamp_bound == default.bound
+    assert learner.optimizer.settings.noise_bound == learner.optimizer.settings.clamp_bound == default.bound
 
 
 def test_noise_options_reach_the_noisy_variants_and_spare_vanilla() -> None:
@@ -289,7 +289,7 @@ def test_noise_options_reach_the_noisy_variants_and_spare_vanilla() -> None:
     for method in COOPERATIVE_METHODS:  # vanilla has no noise, without_reg no consistency term: both still build
         optimizer = build_learner(method, _lenet_like_problem(), _training(config, seed=0, warmup_steps=0)).optimizer
         noisy = method != "vanilla"
-        assert (optimizer.noise_bound, optimizer.noise_scale) == ((0.01, "relative") if noisy else (None, "absolute"))
-        assert optimizer.consistency_weight == (0.5 if method.startswith("mt_cool") else 0)
+        assert (optimizer.settings.noise_bound, optimizer.settings.noise_scale) == ((0.01, "relative") if noisy else (None, "absolute"))
+        assert optimizer.settings.consistency_weight == (0.5 if method.startswith("mt_cool") else 0)
     assert parse_args(SCENARIO, ["--quick"]).noise_scale == "absolute"
 

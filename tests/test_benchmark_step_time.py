@@ -32,9 +32,9 @@ def test_the_memory_child_builds_the_learner_its_row_times(
     # The timing rows and the peak-memory subprocess go through the same builder, so a row's two
     # columns measure one configuration.
     learner = step_time._learner(_lenet_like_problem(), label, torch.device("cpu"))
-    assert learner.optimizer.samples == samples
-    assert learner.optimizer.running_stats == running_stats
-    assert (learner.optimizer._sliced is not None) is sliced
+    assert learner.optimizer.settings.samples == samples
+    assert learner.optimizer.settings.running_stats == running_stats
+    assert learner.optimizer.settings.sliced_layers is sliced
 
 
 def test_unknown_label_option_is_rejected_by_name() -> None:

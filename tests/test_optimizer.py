@@ -73,7 +73,7 @@ def test_optimizer_instance_and_default() -> None:
     assert isinstance(default.base, torch.optim.SGD)
     assert [g["lr"] for g in default.param_groups] == [0.1, 0.1]
     assert [g["task"] for g in default.param_groups] == NAMES
-    assert default.noise_bound == 0.05 and default.clamp_bound == 0.05 and default.samples == 1
+    assert default.settings.noise_bound == 0.05 and default.settings.clamp_bound == 0.05 and default.settings.samples == 1
 
 
 def test_scheduler_acts_on_wrapper_and_survives_load() -> None:
@@ -114,9 +114,9 @@ def test_clamp_keeps_slices_within_bound_of_anchor_but_not_heads() -> None:
 def test_noise_and_clamp_bounds_are_separate() -> None:
     model = make_model(NAMES)
     opt = _opt(model, NAMES, noise_bound=0.3, clamp_bound=0.01)
-    assert (opt.noise_bound, opt.clamp_bound) == (0.3, 0.01)
+    assert (opt.settings.noise_bound, opt.settings.clamp_bound) == (0.3, 0.01)
     vanilla = _opt(model, NAMES, variant="vanilla")
-    assert vanilla.noise_bound is None and vanilla.clamp_bound is None and vanilla.consistency_weight == 0
+    assert vanilla.settings.noise_bound is None and vanilla.settings.clamp_bound is None and vanilla.settings.consistency_weight == 0
 
 
 # ------------------------------------------------------------------ partial batches
@@ -178,7 +178,10 @@ def test_bad_tasks_and_ownership_errors() -> None:
         (dict(bound=-1.0), ValueError, "bound must be > 0"),
         (dict(noise_bound=0.0), ValueError, "noise_bound must be > 0"),
         (dict(clamp_bound=-0.1), ValueError, "clamp_bound must be > 0"),
-        (dict(bound=float("nan")), TypeError, "finite number"),
+        (dict(bound=float("nan")), ValueError, "bound must be a finite number, got nan"),
+        (dict(noise_bound=float("inf")), ValueError, "noise_bound must be a finite number"),
+        (dict(bound="0.05"), TypeError, "bound must be a number"),
+        (dict(consistency_weight=float("nan")), ValueError, "consistency_weight must be a finite number"),
         (dict(samples=0), ValueError, "samples must be >= 1"),
         (dict(samples=1.5), TypeError, "samples must be an int"),
         (dict(inner_steps=0), ValueError, "inner_steps must be >= 1"),
@@ -362,16 +365,40 @@ def test_load_state_dict_validates() -> None:
     other = _opt(model, bound=0.1)
     with pytest.raises(ValueError, match="different settings"):
         other.load_state_dict(state)
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match="plain optimizer's state dict; load it into opt.base"):
         opt.load_state_dict(opt.base.state_dict())
+    with pytest.raises(ValueError, match="not from CooperativeOptimizer.state_dict"):
+        opt.load_state_dict({"weights": 1})
+    with pytest.raises(ValueError, match="cooperative part lacks \\['seed'"):
+        opt.load_state_dict(dict(state, cooperative={k: v for k, v in state["cooperative"].items() if k != "seed"}))
     with pytest.raises(ValueError, match="'noise_scale': \\('absolute', 'relative'\\)"):
         _opt(model, seed=1, noise_scale="relative").load_state_dict(state)
-    before_noise_scale = dict(state, hyperparameters={
-        k: v for k, v in state["hyperparameters"].items() if k != "noise_scale"})
-    _opt(model, seed=1).load_state_dict(before_noise_scale)  # checkpoints from before the option: absolute
-    wrong_tasks = dict(state, tasks=["x", "y"])
+    coop = state["cooperative"]
+    before_noise_scale = dict(coop, hyperparameters={k: v for k, v in coop["hyperparameters"].items()
+                                                     if k != "noise_scale"})
+    _opt(model, seed=1).load_state_dict(dict(state, cooperative=before_noise_scale))  # before the option: absolute
+    wrong_tasks = dict(state, cooperative=dict(coop, tasks=["x", "y"]))
     with pytest.raises(ValueError, match=r"for tasks \['x', 'y'\]"):
         opt.load_state_dict(wrong_tasks)
+
+
+def test_state_dict_is_a_superset_of_torchs_and_loads_version_0_1() -> None:
+    model = make_model(NAMES)
+    opt = _opt(model, NAMES, torch.optim.SGD, lr=0.1, momentum=0.9, seed=3)
+    for s in range(2):
+        opt.step(make_batches(NAMES, seed=s))
+    state = opt.state_dict()
+    base = opt.base.state_dict()
+    assert set(state) == {"state", "param_groups", "cooperative"}
+    assert state["param_groups"] == base["param_groups"] and state["state"].keys() == base["state"].keys()
+    assert all(torch.equal(state["state"][k]["momentum_buffer"], base["state"][k]["momentum_buffer"])
+               for k in base["state"])
+    old_layout = {"base": base, **state["cooperative"], "vectorized": True}  # what version 0.1 saved
+    fresh_model = make_model(NAMES)
+    fresh = _opt(fresh_model, NAMES, torch.optim.SGD, lr=0.1, momentum=0.9, seed=0)
+    fresh.load_state_dict(old_layout)
+    assert fresh.steps_taken == 2 and fresh.seed == 3
+    assert fresh.param_groups is fresh.base.param_groups
 
 
 def test_seed_makes_runs_reproducible_and_differs_otherwise() -> None:
@@ -482,7 +509,7 @@ def test_vmap_and_loop_agree() -> None:
             torch.testing.assert_close(b1[k], b2[k], rtol=1e-5, atol=1e-6)
 
 
-def test_vmap_failure_falls_back_with_warning() -> None:
+def test_vectorize_auto_loops_and_true_never_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     class Itemy(nn.Module):  # .item() inside forward cannot be vmapped
         def __init__(self) -> None:
             super().__init__()
@@ -498,12 +525,19 @@ def test_vmap_failure_falls_back_with_warning() -> None:
     tasks = [Task(n, loss=lambda out, b: F.cross_entropy(out, b[1]), head=model.heads[n],
                   inputs=lambda b, n=n: (b[0], n)) for n in NAMES]
     batches = {n: (torch.randn(5, 4), torch.randint(0, 2, (5,))) for n in NAMES}
-    opt = CooperativeOptimizer(model, tasks, samples=2)
-    with pytest.warns(RuntimeWarning, match="one at a time"):
-        opt.step(batches)
+    from cooperative_opt._perturb import Perturber
+
+    vmapped: list[int] = []
+    original = Perturber.vmapped
+    monkeypatch.setattr(Perturber, "vmapped", lambda self, *a: vmapped.append(1) or original(self, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CooperativeOptimizer(model, tasks, samples=2).step(batches)  # "auto": the loop, measured faster
+    assert vmapped == []
     strict = CooperativeOptimizer(model, tasks, samples=2, vectorize=True)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):
         strict.step(batches)
+    assert vmapped == [1]
 
 
 def test_m1_mean_consistency_warns() -> None:
@@ -562,7 +596,7 @@ def test_tied_slices_stay_tied_through_training() -> None:
     tasks = [Task(n, loss=lambda out, b: F.cross_entropy(out, b[1]), head=model.heads[n],
                   inputs=lambda b, n=n: (b[0], n)) for n in NAMES]
     opt = CooperativeOptimizer(model, tasks, samples=2, consistency_reference="clean", seed=0)
-    assert opt._tie_weights
+    assert opt._perturber._tie
     batches = {n: (torch.randn(8, 6), torch.randint(0, 2, (8,))) for n in NAMES}
     for _ in range(3):
         opt.step(batches)

@@ -1,0 +1,118 @@
+"""``step(batches)``: one outer iteration run by the library, written on the public user-loop API.
+
+This driver is what a user's own loop would be, with the tasks' ``inputs``
+and ``loss`` callables: ``for name in opt.iteration(names)``, M forwards
+under ``opt.perturb(name)`` (or one ``vmap`` call over the same draw), the
+loss plus the consistency term, one backward, ``opt.step()``. There is no
+second implementation of noise, stepping or clamping behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from cooperative_opt._iteration import NON_FINITE
+from cooperative_opt._report import StepReport
+from cooperative_opt._task import Task
+
+if TYPE_CHECKING:
+    from cooperative_opt._optimizer import CooperativeOptimizer
+
+__all__ = ["run_batches"]
+
+
+def _inputs(task: Task, batch: Any) -> tuple[Any, ...]:
+    inputs = task.inputs(batch)
+    if not isinstance(inputs, tuple):
+        raise TypeError(
+            f"task {task.name!r}: inputs(batch) must return a tuple of positional arguments for the model, "
+            f"got {type(inputs).__name__}; e.g. inputs=lambda batch: (batch[0],)"
+        )
+    return inputs
+
+
+def _loss(task: Task, output: Any, batch: Any) -> Tensor:
+    loss = task.loss(output, batch)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(
+            f"task {task.name!r}: loss must return a scalar (0-dim) tensor, got {shape}; reduce it, e.g. .mean()"
+        )
+    return loss
+
+
+def _validated(opt: CooperativeOptimizer, batches: object) -> Mapping[str, Any]:
+    if not isinstance(batches, Mapping):
+        raise TypeError(f"batches must be a mapping {{task name: batch}}, got {type(batches).__name__}")
+    known = [t.name for t in opt.tasks]
+    unknown = [k for k in batches if k not in known]
+    if unknown:
+        raise ValueError(f"batches names unknown tasks {unknown}; the tasks are {known}")
+    if not batches:
+        raise ValueError(f"batches is empty; pass a batch for at least one of the tasks {known}")
+    return batches
+
+
+def _outputs(opt: CooperativeOptimizer, name: str, inputs: tuple[Any, ...]) -> list[Any]:
+    """The model's outputs under each of the M noise samples of this inner step."""
+    settings = opt.settings
+    noisy = settings.noise_bound is not None
+    if noisy and settings.samples > 1 and settings.vectorize is True and settings.running_stats != "every_sample":
+        return opt._perturber.vmapped(opt._iteration.entry_index, inputs)
+    outputs = []
+    for _ in range(settings.samples if noisy else 1):
+        with opt.perturb(name):
+            outputs.append(opt.model(*inputs))
+    return outputs
+
+
+def _clean(opt: CooperativeOptimizer, inputs: tuple[Any, ...], with_reference: bool) -> Any | None:
+    """The noise-free, gradient-free forward that the "clean" reference and the "clean" statistics need."""
+    settings = opt.settings
+    clean_stats = settings.running_stats == "clean" and settings.noise_bound is not None
+    if not (with_reference or (clean_stats and opt._perturber.stats.buffers)):
+        return None
+    with torch.no_grad(), opt._perturber.clean(update_stats=clean_stats):
+        return opt.model(*inputs)
+
+
+def run_batches(opt: CooperativeOptimizer, batches: object) -> StepReport:
+    """One outer iteration (or warm-up step) over the tasks present in ``batches``."""
+    batches = _validated(opt, batches)
+    settings = opt.settings
+    iteration = opt.iteration([t.name for t in opt.tasks if t.name in batches])
+    with torch.enable_grad():
+        try:
+            for name in iteration:
+                task = opt.task(name)
+                batch = batches[name]
+                inputs = _inputs(task, batch)
+                outputs = _outputs(opt, name, inputs)
+                loss = torch.stack([_loss(task, o, batch) for o in outputs]).mean()
+                cooperative = opt.phase == "cooperative"
+                wants_reference = cooperative and settings.consistency_reference == "clean" and (
+                    settings.consistency_active and task.consistency is not None)
+                clean = _clean(opt, inputs, wants_reference)
+                term = opt._consistency_term(task, outputs, clean) if cooperative else None
+                objective = loss if term is None else loss + settings.consistency_weight * term
+                if not bool(torch.isfinite(objective.detach())):
+                    if settings.nonfinite == "raise":
+                        raise FloatingPointError(
+                            f"task {name!r}: loss is {objective.item()} at step {opt.steps_taken + 1}; "
+                            "pass nonfinite='skip' to skip such updates instead"
+                        )
+                    opt._iteration.skip(NON_FINITE)
+                    continue
+                opt._iteration.log(name, float(loss.detach()), 0.0 if term is None else float(term.detach()))
+                torch.autograd.backward(objective)
+                opt.step()
+        finally:
+            iteration.close()
+    report = opt.last_report
+    if report is None:  # pragma: no cover - the iteration has just completed
+        raise RuntimeError("the outer iteration did not complete")
+    return report

@@ -1,0 +1,238 @@
+"""The algorithm's state across one outer iteration: anchor, active task, base steps, clamp, skips.
+
+:class:`OuterIteration` is what ``CooperativeOptimizer.iteration()`` runs. It
+takes the anchor theta^[t-1], makes each present task active in turn for
+``inner_steps`` inner steps (one in warm-up), and, each time the user's code
+calls ``step()``, applies the base optimizer to the active task's parameters
+only and clamps its slices. Whatever the user's forward, backward and loss
+scaling were, this is the one place where parameters move.
+
+- An inner step that ends without ``step()`` (GradScaler found inf/NaN and
+  skipped it, a non-finite loss, or the user's choice) skips the task for
+  the rest of the outer iteration: that step has moved no weight and no
+  optimizer state, and the task's BatchNorm statistics go back to what they
+  were before its turn.
+- In warm-up (Eq. 7) ``step()`` banks the task's gradients instead, and the
+  end of the iteration applies one base step to their sum over the tasks.
+- If the loop is left early (an exception in user code, ``break``), the
+  interrupted task is put back as it was before its turn: statistics, and
+  with ``inner_steps > 1`` its slices (from the anchor) and head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cooperative_opt._ownership import TaskParameters
+from cooperative_opt._perturb import WARMUP, Perturber
+from cooperative_opt._report import Phase, StepReport
+from cooperative_opt._settings import Settings
+
+__all__ = ["NO_BATCH", "NON_FINITE", "NOT_STEPPED", "OuterIteration", "Record"]
+
+NO_BATCH = "no batch"
+NON_FINITE = "non-finite loss"
+NOT_STEPPED = "not stepped"
+
+
+@dataclass
+class Record:
+    """What one outer iteration did, filled in as it runs (losses by whoever computed them)."""
+
+    phase: Phase
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    consistency: dict[str, list[float]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def report(self, step: int) -> StepReport:
+        def mean(values: dict[str, list[float]]) -> dict[str, float]:
+            return {k: sum(v) / len(v) for k, v in values.items() if v}
+
+        return StepReport(step, self.phase, mean(self.losses), mean(self.consistency), dict(self.skipped))
+
+
+class OuterIteration:
+    """Anchor, turn order, base steps and clamp of MT-COOL's outer iterations (one object per optimizer)."""
+
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        task_params: Sequence[TaskParameters],
+        settings: Settings,
+        perturber: Perturber,
+    ) -> None:
+        self.base = base
+        self.task_params = list(task_params)
+        self.settings = settings
+        self.perturber = perturber
+        self.steps = 0  # completed outer iterations and warm-up steps
+        self.active: int | None = None  # index of the task whose turn it is
+        self.record: Record | None = None
+        self.last_report: StepReport | None = None
+        self._stepped = False
+        self._skip_reason = NOT_STEPPED
+        self._thetas: list[Tensor] = [p for tp in self.task_params for p in tp.encoder]
+        needs_anchor = settings.clamp_bound is not None or settings.inner_steps > 1
+        self._anchor = [torch.empty_like(p) for p in self._thetas] if needs_anchor else []
+        self._anchor_of: list[list[Tensor]] = []
+        start = 0
+        for tp in self.task_params:
+            self._anchor_of.append(self._anchor[start : start + len(tp.encoder)] if self._anchor else [])
+            start += len(tp.encoder)
+        owned = [p for tp in self.task_params for p in tp.own]
+        self._owned = owned
+        self._not_owned_by = [[p for p in owned if all(p is not q for q in tp.own)] for tp in self.task_params]
+        self._bank: dict[int, Tensor] = {}
+
+    @property
+    def phase(self) -> Phase:
+        """The phase of the next (or the running) outer iteration."""
+        if self.record is not None:
+            return self.record.phase
+        return "warmup" if self.steps < self.settings.warmup_steps else "cooperative"
+
+    @property
+    def entry_index(self) -> int:
+        """The index ``perturb`` evaluates for: the active task, or ``WARMUP``."""
+        if self.active is None:  # pragma: no cover - callers check
+            raise RuntimeError("no task is active")
+        return WARMUP if self.phase == "warmup" else self.active
+
+    def log(self, name: str, loss: float, consistency: float | None = None) -> None:
+        """Record a loss (and consistency term) of task ``name`` in the running iteration's report."""
+        if self.record is None:  # pragma: no cover - callers run inside an iteration
+            raise RuntimeError("no outer iteration is running")
+        self.record.losses.setdefault(name, []).append(loss)
+        if consistency is not None:
+            self.record.consistency.setdefault(name, []).append(consistency)
+
+    def skip(self, reason: str) -> None:
+        """Why the active task's current inner step will end without a step (reported in ``StepReport``)."""
+        self._skip_reason = reason
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, present: Sequence[int]) -> Generator[str, None, None]:
+        """The generator behind ``CooperativeOptimizer.iteration()``."""
+        if self.record is not None:
+            raise RuntimeError(
+                "iteration() was started while another outer iteration is running; finish its loop "
+                "(or break out of it) before starting the next"
+            )
+        record = Record(self.phase)
+        names = {i: tp.name for i, tp in enumerate(self.task_params)}
+        record.skipped.update({names[i]: NO_BATCH for i in names if i not in present})
+        self.record = record
+        self.perturber.refresh()
+        cooperative = record.phase == "cooperative"
+        if cooperative and self._anchor:
+            with torch.no_grad():
+                torch._foreach_copy_(self._anchor, self._thetas)
+        finished = False
+        try:
+            for index in present:
+                tp = self.task_params[index]
+                several = cooperative and self.settings.inner_steps > 1
+                head_before = [p.detach().clone() for p in tp.head] if several else []
+                self.perturber.stats.save()  # restored if the turn is skipped or left early
+                for _ in range(self.settings.inner_steps if cooperative else 1):
+                    self._begin(index)
+                    try:
+                        yield tp.name
+                    except BaseException:
+                        self._rollback(index, head_before, moved=several)
+                        raise
+                    if not self._stepped:
+                        self.perturber.stats.restore()
+                        record.skipped[tp.name] = self._skip_reason
+                        break
+                self.active = None
+            if not cooperative:
+                self._apply_bank()
+            finished = True
+        finally:
+            self.active = None
+            self._bank.clear()
+            self.base.zero_grad(set_to_none=True)
+            self.record = None
+            if finished:
+                self.steps += 1
+                self.last_report = record.report(self.steps)
+
+    def _begin(self, index: int) -> None:
+        self.active = index
+        self._stepped = False
+        self._skip_reason = NOT_STEPPED
+        self.base.zero_grad(set_to_none=True)  # inactive tasks must have grad None: stock optimizers skip them
+        self.perturber.new_step()
+
+    # ----------------------------------------------------------------- step
+
+    def step(self) -> None:
+        """The base step of the active task's inner step (banked in warm-up), then its clamp."""
+        if self.active is None:  # pragma: no cover - callers check
+            raise RuntimeError("no task is active")
+        if self._stepped:
+            raise RuntimeError(
+                f"step() was already called in this inner step of task {self.task_params[self.active].name!r}; "
+                "call it once per name that iteration() yields (set inner_steps for several steps per task)"
+            )
+        if self.phase == "warmup":
+            self._deposit()
+        else:
+            for p in self._not_owned_by[self.active]:
+                p.grad = None  # discarded, never applied: only the active task moves
+            self.base.step()
+            self._clamp(self.active)
+        self._stepped = True
+
+    def _clamp(self, index: int) -> None:
+        theta: list[Tensor] = list(self.task_params[index].encoder)
+        bound = self.settings.clamp_bound
+        if not theta or bound is None:
+            return
+        anchor = self._anchor_of[index]
+        with torch.no_grad():
+            torch._foreach_maximum_(theta, list(torch._foreach_sub(anchor, bound)))
+            torch._foreach_minimum_(theta, list(torch._foreach_add(anchor, bound)))
+
+    def _deposit(self) -> None:
+        """Warm-up: move this task's gradients into the bank (Eq. 7 sums the tasks' losses)."""
+        with torch.no_grad():
+            for p in self._owned:
+                if p.grad is None:
+                    continue
+                banked = self._bank.get(id(p))
+                if banked is None:
+                    self._bank[id(p)] = p.grad
+                else:
+                    banked.add_(p.grad)
+                p.grad = None
+
+    def _apply_bank(self) -> None:
+        """Warm-up: one base step on the summed gradients of the tasks that stepped."""
+        if not self._bank:
+            return
+        self.base.zero_grad(set_to_none=True)
+        for p in self._owned:
+            banked = self._bank.get(id(p))
+            if banked is not None:
+                p.grad = banked
+        self.base.step()
+
+    def _rollback(self, index: int, head_before: list[Tensor], moved: bool) -> None:
+        """Undo task ``index``'s partial turn after its loop was left early. With several inner steps
+        (``moved``) its slices go back to the anchor and its head to the snapshot taken before its turn."""
+        self.perturber.stats.restore()
+        if not moved:
+            return
+        tp = self.task_params[index]
+        with torch.no_grad():
+            if tp.encoder and self._anchor_of[index]:
+                torch._foreach_copy_(list(tp.encoder), self._anchor_of[index])
+            if tp.head and head_before:
+                torch._foreach_copy_(list(tp.head), head_before)
