@@ -9,13 +9,14 @@ second implementation of noise, stepping or clamping behind it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from cooperative_opt._iteration import NON_FINITE
+from cooperative_opt._iteration import NON_FINITE, NON_FINITE_GRADIENT
 from cooperative_opt._report import StepReport
 from cooperative_opt._task import Task
 
@@ -80,9 +81,26 @@ def _clean(opt: CooperativeOptimizer, inputs: tuple[Any, ...], with_reference: b
         return opt.model(*inputs)
 
 
-def run_batches(opt: CooperativeOptimizer, batches: object) -> StepReport:
+def _precision(
+    opt: CooperativeOptimizer, scaler: object, autocast: object
+) -> tuple[torch.amp.GradScaler | None, contextlib.AbstractContextManager[Any]]:
+    """Validate ``scaler=`` / ``autocast=`` and build the autocast context for the forwards."""
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    if autocast is None:
+        return scaler, contextlib.nullcontext()
+    if autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}")
+    devices = {p.device.type for tp in opt.task_params for p in tp.own}
+    if len(devices) != 1:
+        raise ValueError(f"autocast= needs the model on one device type, its parameters are on {sorted(devices)}")
+    return scaler, torch.autocast(devices.pop(), dtype=autocast)
+
+
+def run_batches(opt: CooperativeOptimizer, batches: object, scaler: object = None, autocast: object = None) -> StepReport:
     """One outer iteration (or warm-up step) over the tasks present in ``batches``."""
     batches = _validated(opt, batches)
+    grad_scaler, precision = _precision(opt, scaler, autocast)
     settings = opt.settings
     iteration = opt.iteration([t.name for t in opt.tasks if t.name in batches])
     with torch.enable_grad():
@@ -91,14 +109,15 @@ def run_batches(opt: CooperativeOptimizer, batches: object) -> StepReport:
                 task = opt.task(name)
                 batch = batches[name]
                 inputs = _inputs(task, batch)
-                outputs = _outputs(opt, name, inputs)
-                loss = torch.stack([_loss(task, o, batch) for o in outputs]).mean()
                 cooperative = opt.phase == "cooperative"
-                wants_reference = cooperative and settings.consistency_reference == "clean" and (
-                    settings.consistency_active and task.consistency is not None)
-                clean = _clean(opt, inputs, wants_reference)
-                term = opt._consistency_term(task, outputs, clean) if cooperative else None
-                objective = loss if term is None else loss + settings.consistency_weight * term
+                with precision:
+                    outputs = _outputs(opt, name, inputs)
+                    loss = torch.stack([_loss(task, o, batch) for o in outputs]).mean()
+                    wants_reference = cooperative and settings.consistency_reference == "clean" and (
+                        settings.consistency_active and task.consistency is not None)
+                    clean = _clean(opt, inputs, wants_reference)
+                    term = opt._consistency_term(task, outputs, clean) if cooperative else None
+                    objective = loss if term is None else loss + settings.consistency_weight * term
                 if not bool(torch.isfinite(objective.detach())):
                     if settings.nonfinite == "raise":
                         raise FloatingPointError(
@@ -108,8 +127,15 @@ def run_batches(opt: CooperativeOptimizer, batches: object) -> StepReport:
                     opt._iteration.skip(NON_FINITE)
                     continue
                 opt._iteration.log(name, float(loss.detach()), 0.0 if term is None else float(term.detach()))
-                torch.autograd.backward(objective)
-                opt.step()
+                if grad_scaler is None:
+                    torch.autograd.backward(objective)
+                    opt.step()
+                    continue
+                torch.autograd.backward(grad_scaler.scale(objective))
+                grad_scaler.step(opt)
+                grad_scaler.update()
+                if not opt._iteration.stepped:
+                    opt._iteration.skip(NON_FINITE_GRADIENT)
         finally:
             iteration.close()
     report = opt.last_report

@@ -6,10 +6,15 @@ Lightning, Accelerate and LR-scheduler tooling read), plus ``"cooperative"``:
 the outer-iteration counter (and so the phase), the seed, the noise
 generators' states, the task names and the settings that define the
 trajectory. Checkpoints of version 0.1 (everything under ``"base"``) load too.
+
+``torch.distributed.checkpoint.state_dict.get_state_dict`` keeps only
+``state`` and ``param_groups``; save the ``"cooperative"`` part beside it
+(docs/usage.md, "Checkpoints").
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -32,28 +37,58 @@ def cooperative_state(opt: CooperativeOptimizer) -> dict[str, Any]:
     }
 
 
-def _split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], Mapping[str, Any]]:
-    """(base optimizer state dict, cooperative part) of the current or the 0.1 layout."""
-    if "cooperative" in state_dict:
-        base = {k: v for k, v in state_dict.items() if k != "cooperative"}
-        return base, state_dict["cooperative"]
+_TORCH_LAYOUT_WARNING = (
+    "state_dict holds the base optimizer's 'state' and 'param_groups' but no 'cooperative' part (what "
+    "torch.distributed.checkpoint.state_dict.set_state_dict passes): loaded those; the outer-iteration counter "
+    "and the noise generators are unchanged. Save opt.state_dict()['cooperative'] beside it and restore it with "
+    "opt.load_state_dict({'cooperative': saved}) to resume bit-identically"
+)
+
+
+def _split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any] | None, Mapping[str, Any] | None]:
+    """(base optimizer state dict, cooperative part) of the current or the 0.1 layout; either may be absent."""
     if "base" in state_dict:  # version 0.1
         return dict(state_dict["base"]), state_dict
-    if "state" in state_dict and "param_groups" in state_dict:
+    base = {k: v for k, v in state_dict.items() if k != "cooperative"}
+    has_base = "state" in base and "param_groups" in base
+    if base and not has_base:
         raise ValueError(
-            "state_dict has 'state' and 'param_groups' but no 'cooperative' part: it is a plain optimizer's "
-            "state dict; load it into opt.base.load_state_dict, or save with CooperativeOptimizer.state_dict()"
+            f"state_dict has keys {sorted(state_dict)[:8]}: it is not from CooperativeOptimizer.state_dict()"
         )
-    raise ValueError(
-        f"state_dict has keys {sorted(state_dict)[:8]}: it is not from CooperativeOptimizer.state_dict()"
-    )
+    coop = state_dict.get("cooperative")
+    if coop is None and not has_base:
+        raise ValueError("state_dict is empty: it is not from CooperativeOptimizer.state_dict()")
+    return (base if has_base else None), coop
 
 
 def load_cooperative_state(opt: CooperativeOptimizer, state_dict: Mapping[str, Any]) -> None:
-    """Check all of ``state_dict`` against ``opt``, then restore the base optimizer's and the cooperative part."""
+    """Check all of ``state_dict`` against ``opt``, then restore the base optimizer's and the cooperative part.
+
+    Either part alone loads too: ``{"cooperative": ...}`` restores only the cooperative part, and a plain
+    ``{"state", "param_groups"}`` dict (``torch.distributed.checkpoint``) only the base optimizer's, with a
+    warning that says how to carry the rest.
+    """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping from CooperativeOptimizer.state_dict(), got {state_dict!r}")
+    if opt._iteration.record is not None:
+        raise RuntimeError("load_state_dict() was called inside an outer iteration; call it between iterations")
     base, coop = _split(state_dict)
+    if coop is None:
+        warnings.warn(_TORCH_LAYOUT_WARNING, UserWarning, stacklevel=3)
+    else:
+        _check(opt, coop)
+    if base is not None:
+        opt.base.load_state_dict(base)
+    if coop is not None:
+        generators = dict(coop["generators"])
+        for device, generator in opt._generators.items():
+            generator.set_state(generators[str(device)])
+        opt._iteration.steps = int(coop["steps"])
+        opt.seed = int(coop["seed"])
+
+
+def _check(opt: CooperativeOptimizer, coop: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming what in the cooperative part does not match ``opt``."""
     missing = [k for k in _KEYS if k not in coop]
     if missing:
         raise ValueError(f"state_dict's cooperative part lacks {missing}; it is not from CooperativeOptimizer.state_dict()")
@@ -74,10 +109,3 @@ def load_cooperative_state(opt: CooperativeOptimizer, state_dict: Mapping[str, A
             f"state_dict has noise generators for devices {sorted(generators)}, the model's slices live on "
             f"{sorted(str(d) for d in opt._generators)}; move the model before loading"
         )
-    if opt._iteration.record is not None:
-        raise RuntimeError("load_state_dict() was called inside an outer iteration; call it between iterations")
-    opt.base.load_state_dict(base)
-    for device, generator in opt._generators.items():
-        generator.set_state(generators[str(device)])
-    opt._iteration.steps = int(coop["steps"])
-    opt.seed = int(coop["seed"])

@@ -32,10 +32,11 @@ from cooperative_opt._perturb import WARMUP, Perturber
 from cooperative_opt._report import Phase, StepReport
 from cooperative_opt._settings import Settings
 
-__all__ = ["NO_BATCH", "NON_FINITE", "NOT_STEPPED", "OuterIteration", "Record"]
+__all__ = ["NON_FINITE", "NON_FINITE_GRADIENT", "NOT_STEPPED", "NO_BATCH", "OuterIteration", "Record"]
 
 NO_BATCH = "no batch"
 NON_FINITE = "non-finite loss"
+NON_FINITE_GRADIENT = "non-finite gradient"
 NOT_STEPPED = "not stepped"
 
 
@@ -109,6 +110,11 @@ class OuterIteration:
         self.record.losses.setdefault(name, []).append(loss)
         if consistency is not None:
             self.record.consistency.setdefault(name, []).append(consistency)
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the active task's current inner step has called ``step()``."""
+        return self._stepped
 
     def skip(self, reason: str) -> None:
         """Why the active task's current inner step will end without a step (reported in ``StepReport``)."""

@@ -335,7 +335,9 @@ class CooperativeOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- step
 
-    def step(self, closure: Any = None) -> Any:
+    def step(
+        self, closure: Any = None, *, scaler: torch.amp.GradScaler | None = None, autocast: torch.dtype | None = None
+    ) -> Any:
         """The ``torch.optim`` step, and the whole-iteration ``step(batches)``.
 
         - Inside :meth:`iteration`: call ``closure`` (if given, with grad
@@ -351,9 +353,20 @@ class CooperativeOptimizer(torch.optim.Optimizer):
           initialise optimizer state).
         - ``step(batches)`` with ``{task name: batch}``: one outer iteration
           with the tasks' own ``inputs`` and ``loss``; returns a :class:`StepReport`.
+          ``autocast=torch.bfloat16`` (or ``torch.float16``) runs the forwards
+          and losses under ``torch.autocast`` on the slices' device;
+          ``scaler=torch.amp.GradScaler(...)`` scales each task's loss and
+          steps through ``scaler.step(opt)`` / ``scaler.update()`` once per
+          task step, so a task whose gradients overflow is skipped
+          (``"non-finite gradient"``) while the others step.
         """
         if isinstance(closure, Mapping) or isinstance(closure, (list, tuple)):
-            return run_batches(self, closure)
+            return run_batches(self, closure, scaler=scaler, autocast=autocast)
+        if scaler is not None or autocast is not None:
+            raise TypeError(
+                "scaler= and autocast= apply to step(batches); in your own loop scale the loss yourself and call "
+                "scaler.step(opt), or enter torch.autocast around the forward"
+            )
         if closure is not None and not callable(closure):
             raise TypeError(
                 f"step() takes a closure (a callable returning the loss) or a mapping {{task name: batch}}, "

@@ -365,10 +365,12 @@ def test_load_state_dict_validates() -> None:
     other = _opt(model, bound=0.1)
     with pytest.raises(ValueError, match="different settings"):
         other.load_state_dict(state)
-    with pytest.raises(ValueError, match="plain optimizer's state dict; load it into opt.base"):
-        opt.load_state_dict(opt.base.state_dict())
+    with pytest.warns(UserWarning, match="no 'cooperative' part"):
+        opt.load_state_dict(opt.base.state_dict())  # torch.distributed.checkpoint's layout: the base part only
     with pytest.raises(ValueError, match="not from CooperativeOptimizer.state_dict"):
         opt.load_state_dict({"weights": 1})
+    with pytest.raises(ValueError, match="is empty"):
+        opt.load_state_dict({})
     with pytest.raises(ValueError, match="cooperative part lacks \\['seed'"):
         opt.load_state_dict(dict(state, cooperative={k: v for k, v in state["cooperative"].items() if k != "seed"}))
     with pytest.raises(ValueError, match="'noise_scale': \\('absolute', 'relative'\\)"):
