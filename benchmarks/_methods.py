@@ -1,4 +1,4 @@
-"""One runner for every method the benchmarks compare (ALGORITHM.md sections 5-6).
+"""One runner for every method the benchmarks compare (docs/method.md, "Ablations"; docs/results.md).
 
 Every scenario describes its networks and losses once, as a :class:`Problem`;
 :func:`build_learner` turns a method name into a :class:`Learner` with the

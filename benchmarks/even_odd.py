@@ -1,7 +1,7 @@
 """Even/odd digit benchmark: MT-COOL and its ablations against every baseline of the paper's Table 1.
 
 This reproduces the setting of the MT-COOL paper's Table 1 (see
-``ALGORITHM.md`` sections 5-7) on data that needs no download: Task "even"
+``docs/method.md`` and ``docs/results.md``) on data that needs no download: Task "even"
 classifies the digits {0, 2, 4, 6, 8} and task "odd" the digits {1, 3, 5, 7, 9}
 with a LeNet. By default it uses scikit-learn's bundled 8x8 digits; pass
 ``--data-dir`` to use real MNIST IDX files instead.
@@ -75,7 +75,7 @@ _COOPERATIVE_NAMES: Final[frozenset[str]] = frozenset(COOPERATIVE_METHODS)
 ``mt_cool`` is the paper's formula (consistency against the mean of the M noisy
 predictions, identically zero at M = 1); ``mt_cool_clean`` measures it against
 the noise-free prediction instead, which keeps it active at M = 1
-(ALGORITHM.md section 4 asks the benchmarks to report both).
+(docs/method.md, "The M = 1 gap", is why both are reported).
 """
 
 _DEFAULTS: Final[tuple[tuple[str, Any], ...]] = (
@@ -478,7 +478,7 @@ def _notes(config: BenchmarkConfig) -> list[str]:
     notes = [
         "Accuracies are fractions in [0, 1] on each task's test set after the last epoch (no model "
         "selection on the test set); mean and sample standard deviation over seeds.",
-        "MT-COOL warm-up (joint noisy updates, ALGORITHM.md section 3) lasts warmup_epochs epochs, i.e. "
+        "MT-COOL warm-up (joint noisy updates, docs/method.md "Warm-up") lasts warmup_epochs epochs, i.e. "
         "warmup_steps = warmup_epochs * steps_per_epoch optimizer steps, counted inside epochs (the paper does "
         "not state its warm-up length); vanilla, without_reg, mt_cool and mt_cool_clean all use it.",
         "An epoch is ceil(max task train size / batch_size) steps; each step draws one batch per task from that "
@@ -489,7 +489,7 @@ def _notes(config: BenchmarkConfig) -> list[str]:
         notes.append(
             "With samples = 1 the paper's consistency term (reference = mean of the M predictions) is identically "
             "zero, so mt_cool trains exactly like without_reg; mt_cool_clean uses the noise-free prediction as "
-            "the reference, which keeps the term active (ALGORITHM.md section 4)."
+            "the reference, which keeps the term active (docs/method.md, "The M = 1 gap")."
         )
     if config.dataset == "digits":
         notes.append(

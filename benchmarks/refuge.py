@@ -191,7 +191,7 @@ def _notes(config: ScenarioConfig) -> list[str]:
     if config.samples == 1:
         notes.append(
             "With samples = 1 the paper's consistency term is identically zero, so mt_cool trains like "
-            "without_reg; mt_cool_clean keeps the term active (ALGORITHM.md section 4)."
+            "without_reg; mt_cool_clean keeps the term active (docs/method.md, "The M = 1 gap")."
         )
     return notes
 

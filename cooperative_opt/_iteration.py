@@ -208,16 +208,15 @@ class OuterIteration:
 
     def _deposit(self) -> None:
         """Warm-up: move this task's gradients into the bank (Eq. 7 sums the tasks' losses)."""
-        with torch.no_grad():
-            for p in self._owned:
-                if p.grad is None:
-                    continue
-                banked = self._bank.get(id(p))
-                if banked is None:
-                    self._bank[id(p)] = p.grad
-                else:
-                    banked.add_(p.grad)
-                p.grad = None
+        present = [p for p in self._owned if p.grad is not None]
+        adding = [p for p in present if id(p) in self._bank]
+        if adding:
+            with torch.no_grad():
+                torch._foreach_add_([self._bank[id(p)] for p in adding], [p.grad for p in adding if p.grad is not None])
+        for p in present:
+            if p.grad is not None:
+                self._bank.setdefault(id(p), p.grad)  # the first task's gradient tensor becomes the bank
+            p.grad = None
 
     def _apply_bank(self) -> None:
         """Warm-up: one base step on the summed gradients of the tasks that stepped."""

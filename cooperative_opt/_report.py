@@ -1,4 +1,4 @@
-"""What one call of ``CooperativeOptimizer.step`` did."""
+"""What one outer iteration (or warm-up step) of ``CooperativeOptimizer`` did."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ class StepReport:
     """Summary of one warm-up step or one outer iteration.
 
     Attributes:
-        step: 1-based index of this call of ``step``.
+        step: 1-based index of this outer iteration.
         phase: ``"warmup"`` (Eq. 7) or ``"cooperative"`` (one outer iteration).
-        losses: each updated task's loss, averaged over noise samples and inner steps.
+        losses: each updated task's loss, averaged over noise samples and inner steps
+            (what the optimizer computed: ``step(batches)`` and closures).
         consistency: each updated task's consistency term D (0 where it is off).
-        skipped: tasks that were not updated, with the reason
-            (``"no batch"`` or ``"non-finite loss"``).
+        skipped: tasks whose update stopped, with the reason: ``"no batch"``,
+            ``"non-finite loss"``, ``"non-finite gradient"`` (a GradScaler
+            skipped the step in ``step(batches, scaler=...)``) or ``"not stepped"``
+            (an inner step of a user loop ended without ``step()``).
     """
 
     step: int
