@@ -118,7 +118,10 @@ def run_batches(opt: CooperativeOptimizer, batches: object, scaler: object = Non
                     clean = _clean(opt, inputs, wants_reference)
                     term = opt._consistency_term(task, outputs, clean) if cooperative else None
                     objective = loss if term is None else loss + settings.consistency_weight * term
-                if not bool(torch.isfinite(objective.detach())):
+                finite = bool(torch.isfinite(objective.detach()))
+                if opt._ranks is not None:
+                    finite = opt._ranks.all(finite)  # one rank's NaN skips the step on every rank
+                if not finite:
                     if settings.nonfinite == "raise":
                         raise FloatingPointError(
                             f"task {name!r}: loss is {objective.item()} at step {opt.steps_taken + 1}; "

@@ -21,12 +21,13 @@ scaling were, this is the one place where parameters move.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from cooperative_opt._distributed import Ranks
 from cooperative_opt._ownership import TaskParameters
 from cooperative_opt._perturb import WARMUP, Perturber
 from cooperative_opt._report import Phase, StepReport
@@ -65,8 +66,12 @@ class OuterIteration:
         task_params: Sequence[TaskParameters],
         settings: Settings,
         perturber: Perturber,
+        ranks: Ranks | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> None:
         self.base = base
+        self.ranks = ranks
+        self._on_start = on_start  # called with the iteration's index before anything is drawn
         self.task_params = list(task_params)
         self.settings = settings
         self.perturber = perturber
@@ -134,6 +139,8 @@ class OuterIteration:
         record.skipped.update({names[i]: NO_BATCH for i in names if i not in present})
         self.record = record
         self.perturber.refresh()
+        if self._on_start is not None:
+            self._on_start(self.steps)
         cooperative = record.phase == "cooperative"
         if cooperative and self._anchor:
             with torch.no_grad():
@@ -159,9 +166,13 @@ class OuterIteration:
                 self.active = None
             if not cooperative:
                 self._apply_bank()
+            if self.ranks is not None and self.perturber.stats.buffers:
+                self.ranks.average(self.perturber.stats.buffers)  # the documented rule without SyncBatchNorm
             finished = True
         finally:
             self.active = None
+            if self.ranks is not None:
+                self.ranks.activate(())
             self._bank.clear()
             self.base.zero_grad(set_to_none=True)
             self.record = None
@@ -171,6 +182,8 @@ class OuterIteration:
 
     def _begin(self, index: int) -> None:
         self.active = index
+        if self.ranks is not None:  # the coming backward averages the stepping parameters' gradients
+            self.ranks.activate(self._owned if self.phase == "warmup" else self.task_params[index].own)
         self._stepped = False
         self._skip_reason = NOT_STEPPED
         self.base.zero_grad(set_to_none=True)  # inactive tasks must have grad None: stock optimizers skip them

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from cooperative_opt._batches import run_batches
 from cooperative_opt._checkpoint import load_cooperative_state, cooperative_state
 from cooperative_opt._consistency import consistency_term
+from cooperative_opt._distributed import NoiseMode, Ranks, mix_seed, process_group_of
 from cooperative_opt._iteration import OuterIteration
 from cooperative_opt._ownership import resolve_ownership
 from cooperative_opt._perturb import Perturber
@@ -144,6 +145,8 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         seed: int | None = None,
         sliced_layers: bool = True,
         task_parameters: Mapping[str, Iterable[tuple[str, nn.Parameter]]] | None = None,
+        noise: NoiseMode = "identical",
+        process_group: Any = None,
         **optimizer_kwargs: Any,
     ) -> None:
         self.settings = Settings.build(
@@ -151,8 +154,15 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             noise_scale=noise_scale, samples=samples, inner_steps=inner_steps,
             consistency_weight=consistency_weight, consistency_reference=consistency_reference,
             warmup_steps=warmup_steps, running_stats=running_stats, vectorize=vectorize,
-            nonfinite=nonfinite, sliced_layers=sliced_layers,
+            nonfinite=nonfinite, sliced_layers=sliced_layers, noise=noise,
         )
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "model is wrapped in DistributedDataParallel; pass the module itself (model.module) and call it "
+                "directly: CooperativeOptimizer averages each stepping task's gradients over the ranks itself, "
+                "which DDP cannot do without find_unused_parameters (docs/distributed.md)"
+            )
+        group = process_group_of(process_group)
         self.model = model
         self.tasks, self.task_params = resolve_ownership(model, tasks, task_parameters)
         self._index = {t.name: i for i, t in enumerate(self.tasks)}
@@ -162,15 +172,30 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         self._share_base_state()
         self._built = True
 
+        if seed is not None:
+            positive_int("seed", seed, 0)
+        self._ranks: Ranks | None = None
+        if group is not None:
+            shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.base.param_groups]
+            signature = {"tasks": [t.name for t in self.tasks], "settings": self.settings, "parameters": shapes,
+                         "optimizer": (type(self.base).__name__, repr(groups)), "seed": seed}
+            self._ranks = Ranks(group, model, self.task_params, signature)
+            seed = self._ranks.shared_seed(seed)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-        self.seed = positive_int("seed", seed, 0)
+        self.seed = seed
         devices = sorted({p.device for tp in self.task_params for p in tp.encoder}, key=str)
         self._generators = {d: torch.Generator(device=d) for d in devices}
         for g in self._generators.values():
             g.manual_seed(self.seed)
         self._perturber = Perturber(model, self.task_params, self.settings, self._generators)
-        self._iteration = OuterIteration(self.base, self.task_params, self.settings, self._perturber)
+        rank = self._ranks.rank if self._ranks is not None else 0
+        per_rank = self.settings.noise == "per_rank"
+        self._iteration = OuterIteration(
+            self.base, self.task_params, self.settings, self._perturber, self._ranks,
+            on_start=(lambda steps: _reseed(self._generators, self.seed, rank, steps)) if per_rank else None,
+        )
         self._perturbing = False
         self.settings.warn_inactive_consistency()
 
@@ -284,7 +309,12 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         gradient. Parameters never hold noise: the slices' module attributes
         point to other tensors inside the block and are restored on exit,
         even on an exception. Each entry reads a new noise sample: enter it M
-        times for M samples (see :meth:`consistency`). With
+        times for M samples (see :meth:`consistency`). The M samples of an
+        inner step live in M preallocated buffers; an entry beyond the M-th
+        draws afresh into them, which is right once the earlier forwards'
+        backward has run (gradient accumulation over micro-batches) and makes
+        that backward fail ("modified by an inplace operation") otherwise:
+        set ``samples`` to the number of perturbed forwards per backward. With
         ``variant="vanilla"`` it perturbs nothing; the other tasks' slices
         are then detached, so the backward computes only ``name``'s gradients.
         """
@@ -350,7 +380,9 @@ class CooperativeOptimizer(torch.optim.Optimizer):
           Lightning's automatic optimization run MT-COOL). Returns the last value.
         - Outside, without a closure: a plain base-optimizer step on whatever
           gradients are present (what ``torch.distributed.checkpoint`` does to
-          initialise optimizer state).
+          initialise optimizer state). Under ``torch.distributed`` these
+          gradients are not averaged over the ranks, so it is refused unless
+          every learning rate is 0 (as in that initialisation).
         - ``step(batches)`` with ``{task name: batch}``: one outer iteration
           with the tasks' own ``inputs`` and ``loss``; returns a :class:`StepReport`.
           ``autocast=torch.bfloat16`` (or ``torch.float16``) runs the forwards
@@ -385,7 +417,28 @@ class CooperativeOptimizer(torch.optim.Optimizer):
                 self._iteration.step()
                 self.base.zero_grad(set_to_none=True)
             return value
+        if self._ranks is not None and any(float(g.get("lr", 0.0)) != 0.0 for g in self.param_groups):
+            raise RuntimeError(
+                "step() outside an outer iteration is a plain base step whose gradients are not averaged over the "
+                "ranks, so the ranks would drift apart; step inside `for name in opt.iteration()` or pass a closure"
+            )
         return self.base.step()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Under ``torch.distributed``, backwards inside this block are not averaged over the ranks; the
+        first backward after it averages the accumulated sum (gradient accumulation with less traffic).
+        Outside ``torch.distributed`` it does nothing."""
+        if self._ranks is None:
+            yield
+            return
+        with self._ranks.no_sync():
+            yield
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks the optimizer keeps in step (1 outside ``torch.distributed``)."""
+        return 1 if self._ranks is None else self._ranks.world
 
     @staticmethod
     def _call(closure: Callable[[], Any] | None) -> Any:
@@ -436,3 +489,9 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             f"consistency_reference={s.consistency_reference!r}, warmup_steps={s.warmup_steps}, "
             f"base={type(self.base).__name__})"
         )
+
+
+def _reseed(generators: dict[torch.device, torch.Generator], seed: int, rank: int, steps: int) -> None:
+    """``noise="per_rank"``: this rank's noise generators for outer iteration ``steps``."""
+    for g in generators.values():
+        g.manual_seed(mix_seed(seed, rank, steps))

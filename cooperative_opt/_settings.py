@@ -90,6 +90,7 @@ class Settings:
     vectorize: Vectorize
     nonfinite: Literal["skip", "raise"]
     sliced_layers: bool
+    noise: Literal["identical", "per_rank"] = "identical"
 
     @staticmethod
     def build(
@@ -108,6 +109,7 @@ class Settings:
         vectorize: object,
         nonfinite: object,
         sliced_layers: object,
+        noise: object = "identical",
     ) -> Settings:
         """Validate the keyword arguments of ``CooperativeOptimizer``; errors name the argument and the fix."""
         name: Variant = _choice("variant", variant, list(VARIANTS))
@@ -117,6 +119,11 @@ class Settings:
             raise ValueError(
                 f"noise_scale='relative' conflicts with variant={name!r}, which has no noise; "
                 "drop noise_scale or choose another variant"
+            )
+        mode = _choice("noise", noise, ["identical", "per_rank"])
+        if mode == "per_rank" and not spec.noise:
+            raise ValueError(
+                f"noise='per_rank' conflicts with variant={name!r}, which has no noise; drop it or choose another variant"
             )
         if not isinstance(sliced_layers, bool):
             raise TypeError(f"sliced_layers must be True or False, got {sliced_layers!r}")
@@ -134,6 +141,7 @@ class Settings:
             vectorize=_choice("vectorize", vectorize, ["auto", True, False]),
             nonfinite=_choice("nonfinite", nonfinite, ["skip", "raise"]),
             sliced_layers=sliced_layers,
+            noise=mode,
         )
 
     @property
@@ -161,4 +169,6 @@ class Settings:
         saved = asdict(self)
         for key in ("vectorize", "nonfinite", "sliced_layers"):  # do not change the trajectory's definition
             saved.pop(key)
+        if saved["noise"] == "identical":
+            saved.pop("noise")  # checkpoints from before the option stay loadable
         return saved

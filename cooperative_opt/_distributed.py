@@ -1,0 +1,227 @@
+"""R ranks, one trajectory: MT-COOL under ``torch.distributed``.
+
+With a process group of world size R > 1, :class:`Ranks` keeps every rank on
+the trajectory one process would follow on the concatenated batch:
+
+- when the optimizer is built, every rank's tasks and settings are compared
+  (one ``all_gather_object``; a mismatch raises the same ``ValueError`` on
+  every rank instead of a hang), and parameters and buffers are broadcast
+  from rank 0;
+- during the stepping task's backward, its gradients (its slices and head,
+  nothing else) are averaged over the ranks in buckets of at most
+  ``bucket_bytes``, each bucket's all-reduce launched asynchronously from a
+  post-accumulate-grad hook as soon as it is full, and all of them completed
+  when the backward ends (an autograd engine callback), so a ``GradScaler``
+  or a clipping call after the backward sees the averaged gradients;
+- a decision one rank cannot take alone (``step(batches)`` skipping a
+  non-finite loss) is taken on all ranks together;
+- running statistics of normalization layers are averaged over the ranks at
+  the end of every outer iteration (``SyncBatchNorm`` makes them equal
+  already; without it this keeps them equal);
+- noise is identical on every rank (same seed, same draws) or, with
+  ``noise="per_rank"``, each rank's generator is seeded from
+  (seed, rank, outer iteration), so the R ranks average R noise samples
+  and a resumed run draws the same noise without saving R generator states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd import Variable
+
+from cooperative_opt._ownership import TaskParameters
+
+__all__ = ["NoiseMode", "Ranks", "mix_seed", "process_group_of"]
+
+NoiseMode = Literal["identical", "per_rank"]
+
+_MASK = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps): well spread, the same on every machine."""
+    state = 0x9E3779B97F4A7C15
+    for v in values:
+        state = (state ^ (v & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & _MASK
+    return (state ^ (state >> 29)) >> 1
+
+
+def process_group_of(process_group: object) -> dist.ProcessGroup | None:
+    """The group to synchronise over: ``None`` outside ``torch.distributed`` or with world size 1."""
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup or None (the default group), "
+            f"got {type(process_group).__name__}"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError("process_group was given but torch.distributed is not initialized")
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+class Ranks:
+    """What keeps R ranks bit-identical (see the module docstring).
+
+    Args:
+        group: the process group (world size > 1).
+        model: the model whose parameters and buffers are broadcast from rank 0.
+        task_params: each task's parameters, in task order.
+        signature: what every rank must agree on (tasks, settings, parameter shapes).
+        bucket_bytes: the size at which a bucket's all-reduce is launched.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        model: nn.Module,
+        task_params: Sequence[TaskParameters],
+        signature: dict[str, Any],
+        bucket_bytes: int = 25 * 2**20,
+    ) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bucket_bytes = bucket_bytes
+        self._check(signature)
+        self._broadcast([*model.parameters(), *model.buffers()])
+        self._owned = [p for tp in task_params for p in tp.own]
+        self._active: set[int] = set()
+        self._buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        self._filled: dict[tuple[torch.device, torch.dtype], int] = {}
+        self._inflight: list[tuple[Any, Tensor, list[Tensor]]] = []
+        self._queued = False
+        self._syncing = True
+        self.bytes_reduced = 0  # gradient bytes all-reduced so far (the benchmark reads it)
+        hook = self._ready
+        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self._owned]  # type: ignore[no-untyped-call]
+
+    # ------------------------------------------------------------ agreement
+
+    def _check(self, signature: dict[str, Any]) -> None:
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, signature, group=self.group)
+        differing = {
+            key: {rank: s.get(key) for rank, s in enumerate(gathered)}
+            for key in signature
+            if any(s.get(key) != gathered[0].get(key) for s in gathered)
+        }
+        if differing:
+            raise ValueError(
+                f"the ranks built CooperativeOptimizer differently: {differing}; build it with the same tasks, "
+                "settings and model on every rank (seed=None draws the seed on rank 0 and shares it)"
+            )
+
+    def _broadcast(self, tensors: Sequence[Tensor]) -> None:
+        """Rank 0's values on every rank, one broadcast per (device, dtype)."""
+        with torch.no_grad():
+            for group in _by_kind(list(tensors)).values():
+                flat = _flatten(group)
+                dist.broadcast(flat, src=dist.get_global_rank(self.group, 0), group=self.group)
+                torch._foreach_copy_(group, list(_unflatten(flat, group)))
+
+    def shared_seed(self, seed: int | None) -> int:
+        """``seed``, or one drawn on rank 0 and shared, so every rank draws the same noise."""
+        if seed is not None:
+            return seed
+        drawn = [int(torch.randint(0, 2**62, (), dtype=torch.int64).item())]
+        dist.broadcast_object_list(drawn, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return int(drawn[0])
+
+    def all(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (a collective: every rank must call it)."""
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value.item() == 1.0)
+
+    def average(self, tensors: Sequence[Tensor]) -> None:
+        """Average floating tensors (running statistics) over the ranks, in place."""
+        floating = [t for t in tensors if t.is_floating_point()]
+        with torch.no_grad():
+            for group in _by_kind(floating).values():
+                flat = _flatten(group)
+                dist.all_reduce(flat, group=self.group)
+                flat.div_(self.world)
+                torch._foreach_copy_(group, list(_unflatten(flat, group)))
+
+    # ------------------------------------------------------------ gradients
+
+    def activate(self, params: Sequence[Tensor]) -> None:
+        """The parameters whose gradients the coming backward passes average (the stepping task's)."""
+        self._active = {id(p) for p in params}
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backwards inside accumulate gradients locally; the first one after it averages the sum."""
+        previous, self._syncing = self._syncing, False
+        try:
+            yield
+        finally:
+            self._syncing = previous
+
+    def _ready(self, p: Tensor) -> None:
+        if not self._syncing or id(p) not in self._active or p.grad is None:
+            return
+        if not self._queued:
+            Variable._execution_engine.queue_callback(self._finish)
+            self._queued = True
+        kind = (p.grad.device, p.grad.dtype)
+        bucket = self._buckets.setdefault(kind, [])
+        bucket.append(p.grad)
+        self._filled[kind] = self._filled.get(kind, 0) + p.grad.numel() * p.grad.element_size()
+        if self._filled[kind] >= self.bucket_bytes:
+            self._launch(kind)
+
+    def _launch(self, kind: tuple[torch.device, torch.dtype]) -> None:
+        grads = self._buckets.pop(kind, [])
+        self._filled.pop(kind, None)
+        if not grads:
+            return
+        flat = _flatten(grads)
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._inflight.append((work, flat, grads))
+        self.bytes_reduced += flat.numel() * flat.element_size()
+
+    def _finish(self) -> None:
+        """End of the backward: launch what is left, wait, write the averages back."""
+        self._queued = False
+        for kind in list(self._buckets):
+            self._launch(kind)
+        for work, flat, grads in self._inflight:
+            work.wait()
+            flat.div_(self.world)
+            torch._foreach_copy_(grads, list(_unflatten(flat, grads)))
+        self._inflight.clear()
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the optimizer is no longer used)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+def _by_kind(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        kinds.setdefault((t.device, t.dtype), []).append(t)
+    return kinds
+
+
+def _flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """One contiguous copy of ``tensors`` (same device and dtype), for one collective call."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of ``flat`` shaped like ``like``."""
+    return [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]

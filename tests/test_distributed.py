@@ -1,0 +1,290 @@
+"""torch.distributed (gloo, CPU): R ranks with shards compute what one process computes on the whole batch.
+
+Each test spawns 2 or 3 processes that run a scenario below and save what they
+measured; the test process compares the ranks with each other (bit for bit)
+and with a single-process run on the concatenated batches (float tolerance:
+the all-reduce sums the shards' gradients in another order).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cooperative_opt import CooperativeOptimizer
+from tests.conftest import make_batches, make_model, make_tasks, params_of
+from tests.test_user_loop import user_loop
+
+NAMES = ["a", "b"]
+BATCH = 12  # divisible by 2 and 3 ranks
+STEPS = 3
+CONFIGS: list[dict[str, Any]] = [
+    dict(variant="vanilla", optimizer=torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.01),
+    dict(variant="without_reg", optimizer=torch.optim.AdamW, lr=1e-2),
+    dict(variant="mt_cool", samples=2, consistency_weight=0.5, optimizer=torch.optim.SGD, lr=0.1, momentum=0.9),
+    dict(variant="without_reg", inner_steps=2, optimizer=torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
+    dict(variant="mt_cool", samples=2, inner_steps=2, warmup_steps=1, optimizer=torch.optim.SGD, lr=0.1),
+]
+
+
+def _opt(model: nn.Module, config: dict[str, Any], **extra: Any) -> CooperativeOptimizer:
+    kwargs = {**config, **extra}
+    optimizer = kwargs.pop("optimizer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return CooperativeOptimizer(model, make_tasks(model, NAMES), optimizer, seed=kwargs.pop("seed", 5), **kwargs)
+
+
+def _model(rank: int = 0, **kwargs: Any) -> Any:
+    torch.manual_seed(0)
+    model = make_model(NAMES, **kwargs)
+    if rank:
+        with torch.no_grad():  # different initial values on other ranks: the optimizer broadcasts rank 0's
+            next(model.parameters()).add_(float(rank))
+    return model
+
+
+def _shard(batches: dict[str, tuple[Tensor, Tensor]], rank: int, world: int) -> dict[str, tuple[Tensor, Tensor]]:
+    size = BATCH // world
+    return {k: (x[rank * size:(rank + 1) * size], y[rank * size:(rank + 1) * size]) for k, (x, y) in batches.items()}
+
+
+def _drive(model: Any, opt: CooperativeOptimizer, path: str, batches: dict[str, tuple[Tensor, Tensor]]) -> None:
+    if path == "step":
+        opt.step(batches)
+    else:
+        user_loop(model, opt, batches)
+
+
+def _state(opt: CooperativeOptimizer) -> dict[str, Tensor]:
+    out = {}
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            out[f"{i}.{k}"] = torch.as_tensor(v).clone()
+    return out
+
+
+# ----------------------------------------------------------------- scenarios (run on every rank)
+
+
+def _equivalence(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    results = {}
+    for c, config in enumerate(CONFIGS):
+        for path in ("step", "loop"):
+            model = _model(rank)
+            opt = _opt(model, config)
+            for s in range(STEPS):
+                _drive(model, opt, path, _shard(make_batches(NAMES, n=BATCH, seed=s), rank, world))
+            results[f"{c}-{path}"] = (params_of(model), _state(opt))
+    return results
+
+
+def _per_rank_noise(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    model = _model(rank)
+    opt = _opt(model, CONFIGS[1], noise="per_rank", bound=0.5)
+    x = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    noisy = []
+    for s in range(STEPS):
+        batches = _shard(make_batches(NAMES, n=BATCH, seed=s), rank, world)
+        for name in opt.iteration():
+            with opt.perturb(name):
+                out = model(batches[name][0], name)
+            F.cross_entropy(out, batches[name][1]).backward()
+            with torch.no_grad(), opt.perturb(name):  # after the backward: the noise buffers are free again
+                noisy.append(model(x, name))
+            opt.step()
+            opt.zero_grad()
+    return {"params": params_of(model), "noisy": torch.stack(noisy)}
+
+
+def _mismatch(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    model = _model()
+    try:
+        _opt(model, CONFIGS[1], bound=0.05 if rank == 0 else 0.1)
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+def _ddp_refused(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    model = _model()
+    try:
+        CooperativeOptimizer(nn.parallel.DistributedDataParallel(model), make_tasks(model, NAMES))
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+def _batchnorm_rule(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    model = _model(batchnorm=True)
+    opt = _opt(model, CONFIGS[1])
+    for s in range(STEPS):
+        opt.step(_shard(make_batches(NAMES, n=BATCH, seed=s), rank, world))
+    return {"buffers": {n: b.clone() for n, b in model.named_buffers()}, "params": params_of(model)}
+
+
+def _scaler_inf_on_one_rank(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    model = _model()
+    opt = _opt(model, CONFIGS[1])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    batches = _shard(make_batches(NAMES, n=BATCH, seed=0), rank, world)
+    for name in opt.iteration():
+        with opt.perturb(name):
+            loss = F.cross_entropy(model(batches[name][0], name), batches[name][1])
+        if name == "a" and rank == 1:
+            loss = loss * float("inf")  # only rank 1 overflows; the averaged gradient is inf on every rank
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    report = opt.last_report
+    return {"params": params_of(model), "skipped": dict(report.skipped) if report else None,
+            "scale": scaler.get_scale()}
+
+
+def _checkpoint(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    batches = [_shard(make_batches(NAMES, n=BATCH, seed=s), rank, world) for s in range(4)]
+    model = _model()
+    opt = _opt(model, CONFIGS[2])
+    for b in batches[:2]:
+        opt.step(b)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp / "ckpt.pt")
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd, "cooperative": opt.state_dict()["cooperative"]},
+             checkpoint_id=tmp / "dcp")
+    dist.barrier()
+    for b in batches[2:]:
+        opt.step(b)
+    through = params_of(model)
+
+    resumed_model = _model(rank)
+    resumed = _opt(resumed_model, CONFIGS[2], seed=999)
+    saved = torch.load(tmp / "ckpt.pt", weights_only=False)
+    resumed_model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["opt"])
+    for b in batches[2:]:
+        resumed.step(b)
+
+    dcp_model = _model(rank)
+    dcp_opt = _opt(dcp_model, CONFIGS[2], seed=999)
+    model_sd, optim_sd = get_state_dict(dcp_model, dcp_opt)
+    loaded = {"model": model_sd, "optim": optim_sd, "cooperative": dcp_opt.state_dict()["cooperative"]}
+    dcp.load(loaded, checkpoint_id=tmp / "dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        set_state_dict(dcp_model, dcp_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    dcp_opt.load_state_dict({"cooperative": loaded["cooperative"]})
+    for b in batches[2:]:
+        dcp_opt.step(b)
+    return {"through": through, "resumed": params_of(resumed_model), "dcp": params_of(dcp_model)}
+
+
+SCENARIOS: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
+    f.__name__.lstrip("_"): f
+    for f in (_equivalence, _per_rank_noise, _mismatch, _ddp_refused, _batchnorm_rule, _scaler_inf_on_one_rank,
+              _checkpoint)
+}
+
+
+def _worker(rank: int, world: int, tmp: str, scenario: str) -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        result = SCENARIOS[scenario](rank, world, Path(tmp))
+    except BaseException:
+        result = {"crash": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, f"{tmp}/rank{rank}.pt")
+
+
+def _spawn(scenario: str, world: int, tmp_path: Path) -> list[dict[str, Any]]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(world, str(tmp_path), scenario), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    crashes = [r["crash"] for r in results if "crash" in r]
+    assert not crashes, crashes[0]
+    return results
+
+
+def _identical(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _close(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_with_shards_equal_one_process_on_the_whole_batch(world: int, tmp_path: Path) -> None:
+    ranks = _spawn("equivalence", world, tmp_path)
+    for key in ranks[0]:
+        for other in ranks[1:]:  # every rank bit-identical: parameters and optimizer state
+            assert _identical(ranks[0][key][0], other[key][0]), key
+            assert _identical(ranks[0][key][1], other[key][1]), key
+    for c, config in enumerate(CONFIGS):
+        for path in ("step", "loop"):
+            model = _model()
+            opt = _opt(model, config)
+            for s in range(STEPS):
+                _drive(model, opt, path, make_batches(NAMES, n=BATCH, seed=s))
+            _close(ranks[0][f"{c}-{path}"][0], params_of(model))
+            _close(ranks[0][f"{c}-{path}"][1], _state(opt))
+
+
+def test_per_rank_noise_differs_across_ranks_and_ranks_stay_identical(tmp_path: Path) -> None:
+    ranks = _spawn("per_rank_noise", 2, tmp_path)
+    assert _identical(ranks[0]["params"], ranks[1]["params"])
+    assert not torch.equal(ranks[0]["noisy"], ranks[1]["noisy"])
+
+
+def test_misbuilt_ranks_and_ddp_wrapped_models_are_refused(tmp_path: Path) -> None:
+    ranks = _spawn("mismatch", 2, tmp_path)
+    for r in ranks:  # the same clear error on every rank, no hang
+        assert r["error"] is not None and "built CooperativeOptimizer differently" in r["error"]
+        assert "settings" in r["error"]
+    (tmp_path / "store").unlink(missing_ok=True)
+    ddp = _spawn("ddp_refused", 2, tmp_path)
+    assert all(r["error"] is not None and "pass the module itself (model.module)" in r["error"] for r in ddp)
+
+
+def test_batchnorm_statistics_stay_identical_across_ranks(tmp_path: Path) -> None:
+    ranks = _spawn("batchnorm_rule", 2, tmp_path)
+    assert _identical(ranks[0]["buffers"], ranks[1]["buffers"])
+    assert _identical(ranks[0]["params"], ranks[1]["params"])
+
+
+def test_gradscaler_overflow_on_one_rank_skips_the_task_on_every_rank(tmp_path: Path) -> None:
+    ranks = _spawn("scaler_inf_on_one_rank", 2, tmp_path)
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == {"a": "not stepped"}
+    assert ranks[0]["scale"] == ranks[1]["scale"] < 2.0**8
+    assert _identical(ranks[0]["params"], ranks[1]["params"])
+
+
+def test_save_on_rank_0_and_dcp_resume_on_every_rank_bit_identically(tmp_path: Path) -> None:
+    ranks = _spawn("checkpoint", 2, tmp_path)
+    for r in ranks:
+        assert _identical(r["through"], r["resumed"])
+        assert _identical(r["through"], r["dcp"])
+    assert _identical(ranks[0]["through"], ranks[1]["through"])
