@@ -54,7 +54,7 @@ def mix_seed(*values: int) -> int:
 
 
 def process_group_of(process_group: object) -> dist.ProcessGroup | None:
-    """The group to synchronise over: ``None`` outside ``torch.distributed`` or with world size 1."""
+    """The group to synchronise over: ``None`` outside ``torch.distributed``, or for a default group of one rank."""
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
             f"process_group must be a torch.distributed.ProcessGroup or None (the default group), "
@@ -64,7 +64,9 @@ def process_group_of(process_group: object) -> dist.ProcessGroup | None:
         if process_group is not None:
             raise ValueError("process_group was given but torch.distributed is not initialized")
         return None
-    group = process_group if process_group is not None else dist.group.WORLD
+    if process_group is not None:
+        return process_group  # asked for explicitly: used even with one rank (the collective path runs)
+    group = dist.group.WORLD
     if group is None or dist.get_world_size(group) == 1:
         return None
     return group
@@ -74,7 +76,7 @@ class Ranks:
     """What keeps R ranks bit-identical (see the module docstring).
 
     Args:
-        group: the process group (world size > 1).
+        group: the process group.
         model: the model whose parameters and buffers are broadcast from rank 0.
         task_params: each task's parameters, in task order.
         signature: what every rank must agree on (tasks, settings, parameter shapes).

@@ -116,6 +116,13 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             plain implementation.
         task_parameters: ``{task: [(name, param), ...]}`` encoder slices, if not
             produced by :func:`adapters.split_channels`.
+        noise: under ``torch.distributed``, ``"identical"`` (every rank draws
+            the same noise) or ``"per_rank"`` (each rank its own, seeded from
+            seed, rank and outer iteration: R ranks average R noise samples at
+            the cost of one). See ``docs/distributed.md``.
+        process_group: the group whose ranks average the stepping task's
+            gradients; ``None``: the default group when ``torch.distributed``
+            is initialized with more than one rank, else no synchronisation.
         **optimizer_kwargs: passed to the optimizer class (e.g. ``lr=0.1``).
 
     Example:

@@ -288,3 +288,22 @@ def test_save_on_rank_0_and_dcp_resume_on_every_rank_bit_identically(tmp_path: P
         assert _identical(r["through"], r["resumed"])
         assert _identical(r["through"], r["dcp"])
     assert _identical(ranks[0]["through"], ranks[1]["through"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nccl_single_rank_with_syncbatchnorm_equals_no_process_group(tmp_path: Path) -> None:
+    """One GPU here at most: the NCCL collective path on one rank (SyncBatchNorm needs CUDA in torch)."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        results = []
+        for group in (dist.group.WORLD, None):
+            torch.manual_seed(0)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(make_model(NAMES, batchnorm=True)).cuda()
+            opt = _opt(model, CONFIGS[2], process_group=group)
+            assert opt.world_size == 1 and (opt._ranks is not None) is (group is not None)
+            for s in range(STEPS):
+                opt.step({k: (x.cuda(), y.cuda()) for k, (x, y) in make_batches(NAMES, n=BATCH, seed=s).items()})
+            results.append(params_of(model))
+        _close(results[0], results[1])
+    finally:
+        dist.destroy_process_group()
