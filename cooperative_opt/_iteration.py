@@ -152,12 +152,14 @@ class OuterIteration:
                 several = cooperative and self.settings.inner_steps > 1
                 head_before = [p.detach().clone() for p in tp.head] if several else []
                 self.perturber.stats.save()  # restored if the turn is skipped or left early
-                for _ in range(self.settings.inner_steps if cooperative else 1):
+                inner_steps = self.settings.inner_steps if cooperative else 1
+                for inner in range(inner_steps):
                     self._begin(index)
                     try:
                         yield tp.name
                     except BaseException:
-                        self._rollback(index, head_before, moved=several)
+                        if not (self._stepped and inner == inner_steps - 1):  # unless the turn was complete
+                            self._rollback(index, head_before, moved=several)
                         raise
                     if not self._stepped:
                         self.perturber.stats.restore()

@@ -406,3 +406,18 @@ def test_an_unstepped_turn_skips_the_task_and_restores_its_statistics() -> None:
     assert report is not None and report.skipped == {"a": "not stepped"}
     assert all(len(opt.state[p]) == 0 for p in model.parameters() if id(p) in a_ids)
     assert same(at_b, buffers)  # b's turn started from the statistics as they were before a's
+
+
+def test_leaving_the_loop_after_a_complete_turn_keeps_it() -> None:
+    model, opt = _build(NAMES, batchnorm=True, variant="without_reg")
+    batches = make_batches(NAMES)
+    params = params_of(model)
+    for name in opt.iteration():
+        with opt.perturb(name):
+            F.cross_entropy(model(batches[name][0], name), batches[name][1]).backward()
+        opt.step()
+        after_a = ({n: b.clone() for n, b in model.named_buffers()}, params_of(model))
+        break  # a's turn is complete: its step and its statistics stay
+    assert same({n: b.clone() for n, b in model.named_buffers()}, after_a[0])
+    assert same(params_of(model), after_a[1]) and not same(params_of(model), params)
+    assert opt.steps_taken == 0 and opt.active_task is None
