@@ -417,12 +417,16 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             return value
         if closure is not None:
             value = None
-            for name in self.iteration():
-                value = self._call(closure)
-                if isinstance(value, Tensor) and value.dim() == 0:
-                    self._iteration.log(name, float(value.detach()))
-                self._iteration.step()
-                self.base.zero_grad(set_to_none=True)
+            iteration = self.iteration()
+            try:
+                for name in iteration:
+                    value = self._call(closure)
+                    if isinstance(value, Tensor) and value.dim() == 0:
+                        self._iteration.log(name, float(value.detach()))
+                    self._iteration.step()
+                    self.base.zero_grad(set_to_none=True)
+            finally:
+                iteration.close()  # an exception in the closure rolls the interrupted task back
             return value
         if self._ranks is not None and any(float(g.get("lr", 0.0)) != 0.0 for g in self.param_groups):
             raise RuntimeError(
