@@ -9,6 +9,7 @@ in your own loop (``iteration`` / ``perturb`` / ``step``), with GradScaler,
 LR schedulers, Lightning and Accelerate (docs/usage.md).
 """
 
+from cooperative_opt import diagnostics
 from cooperative_opt._consistency import bernoulli_kl, softmax_kl
 from cooperative_opt._optimizer import CooperativeOptimizer, OptimizerSpec
 from cooperative_opt._report import Phase, StepReport
@@ -31,6 +32,7 @@ __all__ = [
     "TaskSlicing",
     "Variant",
     "bernoulli_kl",
+    "diagnostics",
     "softmax_kl",
     "task_slices",
 ]
