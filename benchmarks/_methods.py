@@ -19,6 +19,15 @@ same interface for all of them:
 Batches are ``{task: (x, y)}``. When every task's ``x`` is the same tensor
 object (segmentation and classification of one image) the Joint-family
 methods run the encoder once for all tasks.
+
+Under ``torch.distributed`` (a default process group of more than one rank,
+e.g. under ``torchrun``), each rank passes its own shard of the batch:
+``independent`` and ``joint`` train through
+``torch.nn.parallel.DistributedDataParallel`` and the cooperative methods
+through ``CooperativeOptimizer``, which averages each stepping task's
+gradients itself (:data:`DISTRIBUTED_METHODS`); the gradient-manipulation
+methods are refused, since an all-reduce of one gradient cannot average
+their per-task Jacobians.
 """
 
 from __future__ import annotations
@@ -30,10 +39,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 import torch
+import torch.distributed
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "COOPERATIVE_METHODS",
+    "DISTRIBUTED_METHODS",
     "GRADIENT_METHODS",
     "METHODS",
     "Batch",
@@ -41,8 +53,10 @@ __all__ = [
     "Problem",
     "Training",
     "build_learner",
+    "check_distributed_methods",
     "check_methods_available",
     "count_parameters",
+    "world_size",
 ]
 
 METHODS: Final[tuple[str, ...]] = (
@@ -72,6 +86,10 @@ COOPERATIVE_METHODS: Final[Mapping[str, tuple[_Variant, _Reference]]] = {
     "mt_cool_clean": ("mt_cool", "clean"),
 }
 """Methods trained with ``CooperativeOptimizer``: method -> (``variant``, ``consistency_reference``)."""
+
+DISTRIBUTED_METHODS: Final[tuple[str, ...]] = tuple(m for m in METHODS if m not in GRADIENT_METHODS)
+"""Methods that train under ``torch.distributed``: ``independent`` and ``joint`` through
+``DistributedDataParallel``, the cooperative methods through ``CooperativeOptimizer``."""
 
 Batch = tuple[Tensor, Tensor]
 """One task's batch: inputs ``x`` and targets ``y``."""
@@ -229,6 +247,32 @@ class Learner(Protocol):
         ...
 
 
+def world_size() -> int:
+    """The number of ranks of ``torch.distributed``'s default process group (1 outside ``torch.distributed``)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def check_distributed_methods(methods: Sequence[str]) -> None:
+    """Refuse the methods that cannot train under ``torch.distributed``, naming the ones that can.
+
+    Raises:
+        ValueError: if ``methods`` holds a method outside :data:`DISTRIBUTED_METHODS`.
+    """
+    refused = [m for m in methods if m not in DISTRIBUTED_METHODS]
+    if refused:
+        raise ValueError(
+            f"--distributed: methods {refused} cannot train on several ranks (their per-task Jacobians are not "
+            f"averaged by an all-reduce); choose --methods from {','.join(DISTRIBUTED_METHODS)}"
+        )
+
+
+def _data_parallel(module: nn.Module) -> DistributedDataParallel:
+    """``module`` wrapped in ``DistributedDataParallel`` over the default group (CPU or one GPU per rank)."""
+    return DistributedDataParallel(module)
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable scalar parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -284,13 +328,18 @@ class IndependentLearner:
         self.models = {task: problem.single_task(task).to(training.device) for task in problem.tasks}
         self.optimizers_by_task = {task: training.make_optimizer(m.parameters()) for task, m in self.models.items()}
         self.num_parameters = sum(count_parameters(m) for m in self.models.values())
+        # Under torch.distributed the training forwards go through DistributedDataParallel (predict does not).
+        distributed = world_size() > 1
+        self.forwards: dict[str, nn.Module] = {
+            task: _data_parallel(m) if distributed else m for task, m in self.models.items()
+        }
 
     def train_step(self, batches: Mapping[str, Batch]) -> dict[str, float]:
         losses: dict[str, float] = {}
         for task, (x, y) in batches.items():
             optimizer = self.optimizers_by_task[task]
             optimizer.zero_grad(set_to_none=True)
-            loss = self.losses[task](self.models[task](x), y)
+            loss = self.losses[task](self.forwards[task](x), y)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             losses[task] = loss.item()
@@ -316,14 +365,15 @@ class JointLearner:
         self.model = _check_network(problem.multi_task()).to(training.device)
         self.optimizer = training.make_optimizer(self.model.parameters())
         self.num_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    def _losses(self, batches: Mapping[str, Batch]) -> tuple[list[Any], dict[str, Tensor]]:
-        features, outputs = _forward_all(self.model, batches)
-        return features, {task: self.losses[task](outputs[task], y) for task, (_, y) in batches.items()}
+        self.ddp: DistributedDataParallel | None = None
+        """Under ``torch.distributed``: the ``DistributedDataParallel`` wrapper every training forward goes through."""
+        self.forward_losses: nn.Module = _JointLosses(self.model, self.losses)
+        if world_size() > 1:
+            self.ddp = self.forward_losses = _data_parallel(self.forward_losses)
 
     def train_step(self, batches: Mapping[str, Batch]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        _, losses = self._losses(batches)
+        losses: dict[str, Tensor] = self.forward_losses(batches)
         torch.stack(list(losses.values())).sum().backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         return {task: loss.item() for task, loss in losses.items()}
@@ -337,6 +387,20 @@ class JointLearner:
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
+
+
+class _JointLosses(nn.Module):
+    """Every task's loss on the Joint network as one module call, so ``DistributedDataParallel`` sees one
+    forward (and one backward of their sum) per step, whatever the number of encoder passes."""
+
+    def __init__(self, model: nn.Module, losses: Mapping[str, LossFn]) -> None:
+        super().__init__()
+        self.model = model
+        self.losses = dict(losses)
+
+    def forward(self, batches: Mapping[str, Batch]) -> dict[str, Tensor]:
+        _, outputs = _forward_all(self.model, batches)
+        return {task: self.losses[task](outputs[task], y) for task, (_, y) in batches.items()}
 
 
 def _aggregator(method: str, training: Training) -> Any:
@@ -370,6 +434,8 @@ class GradientLearner(JointLearner):
     """
 
     def __init__(self, problem: Problem, training: Training, method: str) -> None:
+        if world_size() > 1:
+            check_distributed_methods([method])
         super().__init__(problem, training)
         self.aggregator = _aggregator(method, training)
         self.shared = [p for p in _encoder(self.model).parameters() if p.requires_grad]
@@ -563,10 +629,14 @@ def build_learner(method: str, problem: Problem, training: Training) -> Learner:
     """Seed the global torch RNG with ``training.seed`` and build ``method``'s learner.
 
     Every method built with the same seed starts from the same initial
-    multi-task network (Independent: the same single-task networks).
+    multi-task network (Independent: the same single-task networks). Under
+    ``torch.distributed`` (default group of more than one rank) every rank
+    must build the same methods in the same order (construction broadcasts
+    rank 0's parameters).
 
     Raises:
-        ValueError: for an unknown ``method``.
+        ValueError: for an unknown ``method``, or under ``torch.distributed`` for one outside
+            :data:`DISTRIBUTED_METHODS`.
     """
     torch.manual_seed(training.seed)
     if method == "independent":

@@ -15,6 +15,13 @@ the markdown table, the JSON results and three figures:
 Every task sees the same image batch (``{task: (x, y_task)}`` with one ``x``);
 an epoch is ``ceil(N_train / batch_size)`` steps drawn from back-to-back seeded
 permutations of the training set, identical for every method of a seed.
+
+``--distributed`` (under ``torchrun --nproc-per-node R``) trains on R ranks:
+each rank draws ``batch_size`` images per step from its ``DistributedSampler``
+shard (:func:`benchmarks._cli.sharded_schedule`), so an epoch is
+``ceil(ceil(N_train / R) / batch_size)`` steps of ``R * batch_size`` images;
+only :data:`benchmarks._methods.DISTRIBUTED_METHODS` run, and rank 0 alone
+evaluates, prints and writes the results.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +45,21 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from benchmarks._cli import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, finite, method_list, resolve_device
+from benchmarks._cli import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Launch,
+    add_distributed_flag,
+    config_record,
+    distributed_launch,
+    finite,
+    method_list,
+    resolve_device,
+    resolve_methods,
+    sharded_schedule,
+)
 from benchmarks._images import ImageTasks
 from benchmarks._methods import (
     COOPERATIVE_METHODS,
@@ -101,6 +122,7 @@ class ScenarioConfig:
         out_dir: folder for the JSON and figures.
         quick: whether ``--quick`` filled in the defaults.
         progress: whether to show the progress bar.
+        distributed: ``--distributed``: train on torchrun's ranks, ``batch_size`` images per rank.
     """
 
     seeds: tuple[int, ...]
@@ -129,6 +151,7 @@ class ScenarioConfig:
     out_dir: str
     quick: bool
     progress: bool
+    distributed: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,7 +219,7 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     add("--weight-decay", type=NON_NEGATIVE, default=0.0, help="weight decay (default 0)")
     add("--schedule", choices=("constant", "cosine"), default=d.get("schedule", "constant"),
         help=f"learning-rate schedule, cosine = decay to 0 over the run (default {d.get('schedule', 'constant')})")
-    add("--methods", type=method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
+    add("--methods", type=method_list, default=None, help=f"comma list (default {','.join(METHODS)})")
     add("--bound", type=NON_NEGATIVE, default=d.get("bound", 0.05), help=f"MT-COOL bound b (default {d.get('bound', 0.05)})")
     add("--noise-bound", type=NON_NEGATIVE, default=None,
         help="MT-COOL noise bound alone; the clamp keeps --bound (default: --bound)")
@@ -215,6 +238,7 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     add("--out-dir", default="results", help="output folder (default results)")
     add("--quick", action="store_true", help="tiny smoke run exercising every method in well under a minute")
     add("--no-progress", action="store_true", help="hide the progress bar")
+    add_distributed_flag(parser)
     return parser
 
 
@@ -228,7 +252,8 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         raise ValueError(f"--image-size must be a multiple of 16 (the UNet's output stride), got {filled['image_size']}")
     if not 0.0 < args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), e.g. 0.25; got {args.test_fraction!r}")
-    if filled["warmup_epochs"] >= filled["epochs"] and set(args.methods) & set(COOPERATIVE_METHODS):
+    methods = resolve_methods(args.methods, args.distributed)
+    if filled["warmup_epochs"] >= filled["epochs"] and set(methods) & set(COOPERATIVE_METHODS):
         print(
             f"warning: --warmup-epochs {filled['warmup_epochs']} >= --epochs {filled['epochs']}: "
             "MT-COOL runs will never leave warm-up",
@@ -243,7 +268,7 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
-        methods=tuple(args.methods),
+        methods=methods,
         bound=args.bound,
         noise_bound=args.noise_bound,
         noise_scale=args.noise_scale,
@@ -261,6 +286,7 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         out_dir=args.out_dir,
         quick=args.quick,
         progress=not args.no_progress,
+        distributed=args.distributed,
     )
 
 
@@ -311,13 +337,19 @@ def _predict(learner: Learner, x: Tensor, tasks: Sequence[str]) -> dict[str, Ten
 
 
 def _run(
-    scenario: Scenario, method: str, config: ScenarioConfig, data: ImageTasks, seed: int, bar: Any
+    scenario: Scenario, method: str, config: ScenarioConfig, data: ImageTasks, seed: int, bar: Any,
+    launch: Launch = Launch(),
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Train ``method`` on one seed; return its record and its outputs on the first test images."""
+    """Train ``method`` on one seed; return its record and its outputs on the first test images
+    (with ``--distributed``: this rank's training, evaluated on rank 0 only)."""
     n_train = int(data.train_x.shape[0])
-    steps = math.ceil(n_train / config.batch_size)
-    batch = min(config.batch_size, n_train)
-    schedule = _schedule(n_train, batch, config.epochs * steps, seed).to(data.train_x.device)
+    shard = math.ceil(n_train / launch.world)  # a DistributedSampler's share; n_train without --distributed
+    steps = math.ceil(shard / config.batch_size)
+    batch = min(config.batch_size, shard)
+    if config.distributed:
+        schedule = sharded_schedule(n_train, batch, config.epochs * steps, seed, launch).to(data.train_x.device)
+    else:
+        schedule = _schedule(n_train, batch, config.epochs * steps, seed).to(data.train_x.device)
     warmup_steps = config.warmup_epochs * steps
     started = time.perf_counter()
     learner = build_learner(method, scenario.problem(config), _training(config, seed, warmup_steps))
@@ -343,11 +375,12 @@ def _run(
                 totals[task] += loss
         for task, total in totals.items():
             train_loss[task].append(total / steps)
-        metrics = scenario.evaluate(_predict(learner, data.test_x, scenario.tasks), targets)
-        for key, value in metrics.items():
-            test_metrics[key].append(value)
+        if launch.main:
+            metrics = scenario.evaluate(_predict(learner, data.test_x, scenario.tasks), targets)
+            for key, value in metrics.items():
+                test_metrics[key].append(value)
         bar.update(1)
-    samples = _predict(learner, data.test_x[:_SAMPLES], scenario.tasks)
+    samples = _predict(learner, data.test_x[:_SAMPLES], scenario.tasks) if launch.main else {}
     record = {
         "seed": seed,
         "final": metrics,
@@ -410,8 +443,11 @@ def markdown_table(scenario: Scenario, summaries: Mapping[str, Mapping[str, Any]
     return "\n".join(rows)
 
 
-def run_scenario(scenario: Scenario, config: ScenarioConfig) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
-    """Train every method on every seed; return the results and the first seed's sample outputs."""
+def run_scenario(
+    scenario: Scenario, config: ScenarioConfig, launch: Launch = Launch()
+) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+    """Train every method on every seed; return the results and the first seed's sample outputs
+    (on a rank other than 0 of a ``--distributed`` run, which only trains: two empty dictionaries)."""
     check_methods_available(config.methods)
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in config.methods}
@@ -420,7 +456,7 @@ def run_scenario(scenario: Scenario, config: ScenarioConfig) -> tuple[dict[str, 
     data: ImageTasks | None = None
     first: ImageTasks | None = None
     total = len(config.seeds) * len(config.methods) * config.epochs
-    with tqdm(total=total, desc=scenario.name, unit="epoch", disable=not config.progress) as bar:
+    with tqdm(total=total, desc=scenario.name, unit="epoch", disable=not (config.progress and launch.main)) as bar:
         for seed in config.seeds:
             data = scenario.load(config, seed).to(config.device)
             if first is None:
@@ -429,21 +465,25 @@ def run_scenario(scenario: Scenario, config: ScenarioConfig) -> tuple[dict[str, 
             joint_parameters = sum(p.numel() for p in scenario.problem(config).multi_task().parameters())
             for method in config.methods:
                 bar.set_postfix(method=method, seed=seed)
-                record, outputs = _run(scenario, method, config, data, seed, bar)
+                record, outputs = _run(scenario, method, config, data, seed, bar, launch)
                 runs[method].append(record)
                 if seed == config.seeds[0]:
                     samples[method] = outputs
     if first is None:
         raise ValueError("config.seeds is empty; give --seeds 1 or more")
+    if not launch.main:
+        return {}, {}
     summaries = {method: _summarise(scenario, method_runs, joint_parameters) for method, method_runs in runs.items()}
     samples["ground truth"] = {task: y[:_SAMPLES].cpu() for task, y in first.test_y.items()}
     samples["image"] = {"x": first.test_x[:_SAMPLES].cpu()}
     results = {
         "benchmark": scenario.name,
         "title": scenario.title,
-        "config": {**asdict(config), "joint_params": joint_parameters},
+        "config": {**config_record(config), "joint_params": joint_parameters},
         "data_source": first.source,
-        "notes": scenario.notes(config),
+        "notes": scenario.notes(config) + (
+            [launch.note("batch_size images", f"ceil(ceil(N_train / {launch.world}) / batch_size)", "the test set")]
+            if config.distributed else []),
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -456,6 +496,8 @@ def run_scenario(scenario: Scenario, config: ScenarioConfig) -> tuple[dict[str, 
         "table": markdown_table(scenario, summaries),
         "wall_time_s": time.perf_counter() - started,
     }
+    if config.distributed:
+        results["distributed"] = launch.record(config.batch_size)
     return results, samples
 
 
@@ -538,7 +580,18 @@ def _plot_samples(scenario: Scenario, samples: Mapping[str, Mapping[str, Tensor]
 def main(scenario: Scenario, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``scenario`` from the command line: print the table, write JSON and figures, return the results."""
     config = parse_args(scenario, argv)
-    results, samples = run_scenario(scenario, config)
+    with distributed_launch(config.distributed, config.device, f"python -m benchmarks.{scenario.name}") as launch:
+        config = replace(config, device=launch.device)
+        results, samples = run_scenario(scenario, config, launch)
+        if not launch.main:
+            return {}
+        return _write(scenario, config, results, samples)
+
+
+def _write(
+    scenario: Scenario, config: ScenarioConfig, results: dict[str, Any], samples: Mapping[str, Mapping[str, Tensor]]
+) -> dict[str, Any]:
+    """Write the JSON and the figures, print the table; return the results as written."""
     results = finite(results)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,13 @@ stream of back-to-back random permutations of its training set, so the smaller
 task wraps around a little early. MT-COOL's warm-up (joint noisy updates) lasts
 ``--warmup-epochs`` epochs (default 1), counted inside ``--epochs``.
 
+``--distributed`` trains on the ranks of ``torchrun --nproc-per-node R``:
+each task's training set is sharded by a ``DistributedSampler``, each rank
+draws ``--batch-size`` examples per task per step from its shard (an epoch is
+``ceil(max_t ceil(N_t / R) / batch_size)`` steps), only
+:data:`benchmarks._methods.DISTRIBUTED_METHODS` run, and rank 0 alone
+evaluates and writes the outputs.
+
 Run ``python -m benchmarks.even_odd --help`` for the options. Outputs:
 a markdown table on stdout, ``<out-dir>/even_odd.json`` (configuration,
 per-seed accuracies and per-epoch curves; accuracies as fractions in [0, 1]) and
@@ -43,7 +50,7 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,7 +60,20 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from benchmarks._cli import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, finite, method_list, resolve_device
+from benchmarks._cli import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    Launch,
+    add_distributed_flag,
+    config_record,
+    distributed_launch,
+    finite,
+    method_list,
+    resolve_device,
+    resolve_methods,
+    sharded_schedule,
+)
 from benchmarks._data import NUM_CLASSES, TaskData, load_digits_even_odd, load_mnist_even_odd
 from benchmarks._methods import (
     COOPERATIVE_METHODS,
@@ -120,6 +140,7 @@ class BenchmarkConfig:
         out_dir: folder for ``even_odd.json`` and ``even_odd.png``.
         quick: whether ``--quick`` filled in the defaults.
         progress: whether to show the tqdm progress bar.
+        distributed: ``--distributed``: train on torchrun's ranks, ``batch_size`` examples per task per rank.
     """
 
     seeds: tuple[int, ...]
@@ -142,6 +163,7 @@ class BenchmarkConfig:
     out_dir: str
     quick: bool
     progress: bool
+    distributed: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -161,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=POSITIVE_INT, default=32, help="examples per task per step (default 32)")
     add("--lr", type=NON_NEGATIVE, default=0.1, help="SGD learning rate (default 0.1, as the paper)")
     add("--momentum", type=NON_NEGATIVE, default=0.0, help="SGD momentum (default 0)")
-    add("--methods", type=method_list, default=METHODS, help=f"comma list (default {','.join(METHODS)})")
+    add("--methods", type=method_list, default=None, help=f"comma list (default {','.join(METHODS)})")
     add("--bound", type=NON_NEGATIVE, default=0.05, help="MT-COOL bound b (default 0.05)")
     add("--samples", type=POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
     add("--inner-steps", type=POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
@@ -180,6 +202,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     add("--quick", action="store_true", help="tiny smoke run: 1 seed, 2 epochs, <= 256 examples per task")
     add("--no-progress", action="store_true", help="hide the progress bar")
+    add_distributed_flag(parser)
     return parser
 
 
@@ -188,7 +211,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
     args = _build_parser().parse_args(argv)
     defaults = dict(_QUICK if args.quick else _DEFAULTS)
     filled = {key: default if getattr(args, key) is None else getattr(args, key) for key, default in defaults.items()}
-    if args.warmup_epochs >= filled["epochs"] and set(args.methods) & _COOPERATIVE_NAMES:
+    methods = resolve_methods(args.methods, args.distributed)
+    if args.warmup_epochs >= filled["epochs"] and set(methods) & _COOPERATIVE_NAMES:
         print(
             f"warning: --warmup-epochs {args.warmup_epochs} >= --epochs {filled['epochs']}: "
             "MT-COOL runs will never leave warm-up",
@@ -202,7 +226,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
         batch_size=args.batch_size,
         lr=args.lr,
         momentum=args.momentum,
-        methods=tuple(args.methods),
+        methods=methods,
         bound=args.bound,
         samples=args.samples,
         inner_steps=args.inner_steps,
@@ -217,6 +241,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
         out_dir=args.out_dir,
         quick=args.quick,
         progress=not args.no_progress,
+        distributed=args.distributed,
     )
 
 
@@ -247,9 +272,9 @@ def _load_data(config: BenchmarkConfig, seed: int) -> dict[str, TaskData]:
     return moved
 
 
-def _steps_per_epoch(data: Mapping[str, TaskData], batch_size: int) -> int:
-    """Steps in one epoch: enough batches to go once through the largest task."""
-    return math.ceil(max(d.train_y.shape[0] for d in data.values()) / batch_size)
+def _steps_per_epoch(data: Mapping[str, TaskData], batch_size: int, world: int = 1) -> int:
+    """Steps in one epoch: enough batches to go once through the largest task (its shard on ``world`` ranks)."""
+    return math.ceil(max(math.ceil(d.train_y.shape[0] / world) for d in data.values()) / batch_size)
 
 
 def _batch_schedule(
@@ -268,6 +293,19 @@ def _batch_schedule(
         permutations = [torch.randperm(size, generator=generator) for _ in range(math.ceil(needed / size))]
         schedule[task] = torch.cat(permutations)[:needed].view(steps, batch_size).to(device)
     return schedule
+
+
+def _sharded_batch_schedule(
+    sizes: Mapping[str, int], batch_size: int, steps: int, seed: int, device: str, launch: Launch
+) -> dict[str, Tensor]:
+    """``--distributed``: per task, this rank's training indices of every step, ``[steps, batch_size]``,
+    from a ``DistributedSampler`` over the task's training set seeded from ``seed`` (one seed per task)."""
+    generator = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(0, 2**31 - 1, (len(sizes),), generator=generator).tolist()
+    return {
+        task: sharded_schedule(size, batch_size, steps, int(task_seed), launch).to(device)
+        for (task, size), task_seed in zip(sizes.items(), seeds, strict=True)
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -362,10 +400,11 @@ def _train_epoch(
 
 
 def _run(
-    method: str, config: BenchmarkConfig, data: Mapping[str, TaskData], schedule: Mapping[str, Tensor], seed: int
+    method: str, config: BenchmarkConfig, data: Mapping[str, TaskData], schedule: Mapping[str, Tensor], seed: int,
+    launch: Launch = Launch(),
 ) -> dict[str, Any]:
-    """Train ``method`` for one seed; return its accuracies, curves and timing."""
-    steps = _steps_per_epoch(data, config.batch_size)
+    """Train ``method`` for one seed; return its accuracies, curves and timing (evaluated on rank 0 only)."""
+    steps = _steps_per_epoch(data, config.batch_size, launch.world)
     warmup_steps = config.warmup_epochs * steps
     spec = _ModelSpec.for_data(data)
     started = time.perf_counter()
@@ -376,11 +415,12 @@ def _run(
     for epoch in range(config.epochs):
         for task, loss in _train_epoch(learner, data, schedule, epoch, steps).items():
             train_loss[task].append(loss)
-        for task, accuracy in _evaluate(learner, data).items():
-            test_accuracy[task].append(accuracy)
+        if launch.main:
+            for task, accuracy in _evaluate(learner, data).items():
+                test_accuracy[task].append(accuracy)
     return {
         "seed": seed,
-        "final_accuracy": {task: curve[-1] for task, curve in test_accuracy.items()},
+        "final_accuracy": {task: curve[-1] for task, curve in test_accuracy.items() if curve},
         "curves": {
             "epoch": list(range(1, config.epochs + 1)),
             "train_loss": train_loss,
@@ -478,7 +518,7 @@ def _notes(config: BenchmarkConfig) -> list[str]:
     notes = [
         "Accuracies are fractions in [0, 1] on each task's test set after the last epoch (no model "
         "selection on the test set); mean and sample standard deviation over seeds.",
-        "MT-COOL warm-up (joint noisy updates, docs/method.md "Warm-up") lasts warmup_epochs epochs, i.e. "
+        "MT-COOL warm-up (joint noisy updates, docs/method.md, 'Warm-up') lasts warmup_epochs epochs, i.e. "
         "warmup_steps = warmup_epochs * steps_per_epoch optimizer steps, counted inside epochs (the paper does "
         "not state its warm-up length); vanilla, without_reg, mt_cool and mt_cool_clean all use it.",
         "An epoch is ceil(max task train size / batch_size) steps; each step draws one batch per task from that "
@@ -489,7 +529,7 @@ def _notes(config: BenchmarkConfig) -> list[str]:
         notes.append(
             "With samples = 1 the paper's consistency term (reference = mean of the M predictions) is identically "
             "zero, so mt_cool trains exactly like without_reg; mt_cool_clean uses the noise-free prediction as "
-            "the reference, which keeps the term active (docs/method.md, "The M = 1 gap")."
+            "the reference, which keeps the term active (docs/method.md, 'The M = 1 gap')."
         )
     if config.dataset == "digits":
         notes.append(
@@ -500,30 +540,40 @@ def _notes(config: BenchmarkConfig) -> list[str]:
     return notes
 
 
-def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
-    """Train every method on every seed and return the results (what ``main`` writes as JSON)."""
+def run_benchmark(config: BenchmarkConfig, launch: Launch = Launch()) -> dict[str, Any]:
+    """Train every method on every seed and return the results (what ``main`` writes as JSON; on a rank
+    other than 0 of a ``--distributed`` run, which only trains, an empty dictionary)."""
     check_methods_available(config.methods)
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in config.methods}
     joint_parameters = 0
     total = len(config.seeds) * len(config.methods)
-    with tqdm(total=total, desc="even/odd", unit="run", disable=not config.progress) as bar:
+    with tqdm(total=total, desc="even/odd", unit="run", disable=not (config.progress and launch.main)) as bar:
         for seed in config.seeds:
             data = _load_data(config, seed)
-            steps = _steps_per_epoch(data, config.batch_size)
+            steps = _steps_per_epoch(data, config.batch_size, launch.world)
             sizes = {task: int(d.train_y.shape[0]) for task, d in data.items()}
-            schedule = _batch_schedule(sizes, config.batch_size, config.epochs * steps, seed, config.device)
+            if config.distributed:
+                schedule = _sharded_batch_schedule(
+                    sizes, config.batch_size, config.epochs * steps, seed, config.device, launch)
+            else:
+                schedule = _batch_schedule(sizes, config.batch_size, config.epochs * steps, seed, config.device)
             joint_parameters = count_parameters(_ModelSpec.for_data(data).multi_task())
             for method in config.methods:
                 bar.set_postfix(method=method, seed=seed)
-                runs[method].append(_run(method, config, data, schedule, seed))
+                runs[method].append(_run(method, config, data, schedule, seed, launch))
                 bar.update(1)
+    if not launch.main:
+        return {}
     tasks = list(next(iter(runs.values()))[0]["final_accuracy"])
     summaries = {method: _summarise(method, method_runs, joint_parameters) for method, method_runs in runs.items()}
-    return {
+    results = {
         "benchmark": "even_odd",
-        "config": {**asdict(config), "joint_params": joint_parameters},
-        "notes": _notes(config),
+        "config": {**config_record(config), "joint_params": joint_parameters},
+        "notes": _notes(config) + (
+            [launch.note("batch_size examples per task", f"ceil(max task train size / {launch.world} / batch_size)",
+                         "the test sets")]
+            if config.distributed else []),
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -536,6 +586,9 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         "table": _markdown_table(summaries, tasks),
         "wall_time_s": time.perf_counter() - started,
     }
+    if config.distributed:
+        results["distributed"] = launch.record(config.batch_size)
+    return results
 
 
 def _title(config: BenchmarkConfig) -> str:
@@ -556,7 +609,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ['independent', 'joint', 'pcgrad', 'mgda', 'cagrad', 'graddrop', 'vanilla', 'without_reg', 'mt_cool', 'mt_cool_clean']
     """
     config = parse_args(argv)
-    results = finite(run_benchmark(config))
+    with distributed_launch(config.distributed, config.device, "python -m benchmarks.even_odd") as launch:
+        config = replace(config, device=launch.device)
+        results = run_benchmark(config, launch)
+        if not launch.main:
+            return {}
+        return _write(config, results)
+
+
+def _write(config: BenchmarkConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """Write the JSON and the figure, print the table; return the results as written."""
+    results = finite(results)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "even_odd.json"

@@ -26,7 +26,8 @@ Data: the documented synthetic vessel-tree generator of
 :mod:`benchmarks._vessels` by default (no download); ``--data-dir`` reads real
 HRF-AV data laid out as :data:`benchmarks._vessels.LAYOUT`.
 
-Run ``python -m benchmarks.hrf_av --help``. Outputs in ``--out-dir``:
+Run ``python -m benchmarks.hrf_av --help``; ``torchrun --nproc-per-node R -m
+benchmarks.hrf_av --distributed`` trains on R ranks (:mod:`benchmarks._scenario`). Outputs in ``--out-dir``:
 ``hrf_av.json``, ``hrf_av.png``, ``hrf_av_curves.png``, ``hrf_av_samples.png``.
 """
 
@@ -168,7 +169,7 @@ def _notes(config: ScenarioConfig) -> list[str]:
     if config.samples == 1:
         notes.append(
             "With samples = 1 the paper's consistency term is identically zero, so mt_cool trains like "
-            "without_reg; mt_cool_clean keeps the term active (docs/method.md, "The M = 1 gap")."
+            "without_reg; mt_cool_clean keeps the term active (docs/method.md, 'The M = 1 gap')."
         )
     return notes
 

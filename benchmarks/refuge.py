@@ -30,7 +30,8 @@ Data: by default the documented synthetic generator of
 ``--data-dir`` reads the real REFUGE2018 training release (layout in
 :data:`benchmarks._fundus.LAYOUT`, disc crops, seeded stratified split).
 
-Run ``python -m benchmarks.refuge --help``. Outputs in ``--out-dir``:
+Run ``python -m benchmarks.refuge --help``; ``torchrun --nproc-per-node R -m
+benchmarks.refuge --distributed`` trains on R ranks (:mod:`benchmarks._scenario`). Outputs in ``--out-dir``:
 ``refuge.json`` (configuration, seeds, per-seed metrics, curves), ``refuge.png``
 (bar charts), ``refuge_curves.png`` and ``refuge_samples.png`` (predictions
 per method, like the paper's Fig. 2).
@@ -191,7 +192,7 @@ def _notes(config: ScenarioConfig) -> list[str]:
     if config.samples == 1:
         notes.append(
             "With samples = 1 the paper's consistency term is identically zero, so mt_cool trains like "
-            "without_reg; mt_cool_clean keeps the term active (docs/method.md, "The M = 1 gap")."
+            "without_reg; mt_cool_clean keeps the term active (docs/method.md, 'The M = 1 gap')."
         )
     return notes
 

@@ -138,15 +138,15 @@ class OuterIteration:
         names = {i: tp.name for i, tp in enumerate(self.task_params)}
         record.skipped.update({names[i]: NO_BATCH for i in names if i not in present})
         self.record = record
-        self.perturber.refresh()
-        if self._on_start is not None:
-            self._on_start(self.steps)
         cooperative = record.phase == "cooperative"
-        if cooperative and self._anchor:
-            with torch.no_grad():
-                torch._foreach_copy_(self._anchor, self._thetas)
         finished = False
         try:
+            self.perturber.refresh()
+            if self._on_start is not None:
+                self._on_start(self.steps)
+            if cooperative and self._anchor:
+                with torch.no_grad():
+                    torch._foreach_copy_(self._anchor, self._thetas)
             for index in present:
                 tp = self.task_params[index]
                 several = cooperative and self.settings.inner_steps > 1

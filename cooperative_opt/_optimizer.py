@@ -68,7 +68,10 @@ class CooperativeOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the whole multi-task model; ``model(*task.inputs(batch))`` is
-            task's prediction.
+            task's prediction. May be compiled: ``model.compile()``, or
+            ``torch.compile(model)`` given here (``step(batches)`` then runs the
+            compiled forward) or only called in your loop (docs/performance.md,
+            "torch.compile").
         tasks: two or more :class:`Task` objects; their order is the update order.
         optimizer: the base optimizer: an instance over the model's parameters
             (``torch.optim.AdamW(model.parameters(), lr=1e-3)``), a class or
@@ -445,6 +448,12 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             return
         with self._ranks.no_sync():
             yield
+
+    @property
+    def bytes_reduced(self) -> int:
+        """Gradient bytes this rank has all-reduced so far (0 without ``torch.distributed``): the
+        stepping tasks' gradients, once per backward outside :meth:`no_sync`."""
+        return 0 if self._ranks is None else self._ranks.bytes_reduced
 
     @property
     def world_size(self) -> int:
