@@ -172,6 +172,13 @@ class CooperativeOptimizer(torch.optim.Optimizer):
                 "directly: CooperativeOptimizer averages each stepping task's gradients over the ranks itself, "
                 "which DDP cannot do without find_unused_parameters (docs/distributed.md)"
             )
+        sharded = [n for n, p in model.named_parameters() if _is_dtensor(p)]
+        if sharded:
+            raise ValueError(
+                f"model has DTensor parameters ({sharded[:3]}...): FSDP2 (fully_shard) and tensor parallelism are "
+                "not supported yet; train with one full copy of the model per rank (the optimizer averages the "
+                "gradients itself). docs/distributed.md, 'FSDP2', says why and what it would take"
+            )
         group = process_group_of(process_group)
         self.model = model
         self.tasks, self.task_params = resolve_ownership(model, tasks, task_parameters)
@@ -515,3 +522,12 @@ def _reseed(generators: dict[torch.device, torch.Generator], seed: int, rank: in
     """``noise="per_rank"``: this rank's noise generators for outer iteration ``steps``."""
     for g in generators.values():
         g.manual_seed(mix_seed(seed, rank, steps))
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    """Whether ``p`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallelism)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)

@@ -117,13 +117,23 @@ def _mismatch(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     return {"error": None}
 
 
-def _ddp_refused(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+def _wrapped_refused(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    errors: dict[str, str | None] = {}
     model = _model()
     try:
         CooperativeOptimizer(nn.parallel.DistributedDataParallel(model), make_tasks(model, NAMES))
+        errors["ddp"] = None
     except ValueError as error:
-        return {"error": str(error)}
-    return {"error": None}
+        errors["ddp"] = str(error)
+    sharded = fully_shard(_model())
+    try:
+        CooperativeOptimizer(sharded, make_tasks(sharded, NAMES))  # type: ignore[arg-type]
+        errors["fsdp"] = None
+    except ValueError as error:
+        errors["fsdp"] = str(error)
+    return errors
 
 
 def _batchnorm_rule(rank: int, world: int, tmp: Path) -> dict[str, Any]:
@@ -196,7 +206,7 @@ def _checkpoint(rank: int, world: int, tmp: Path) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
     f.__name__.lstrip("_"): f
-    for f in (_equivalence, _per_rank_noise, _mismatch, _ddp_refused, _batchnorm_rule, _scaler_inf_on_one_rank,
+    for f in (_equivalence, _per_rank_noise, _mismatch, _wrapped_refused, _batchnorm_rule, _scaler_inf_on_one_rank,
               _checkpoint)
 }
 
@@ -259,14 +269,15 @@ def test_per_rank_noise_differs_across_ranks_and_ranks_stay_identical(tmp_path: 
     assert not torch.equal(ranks[0]["noisy"], ranks[1]["noisy"])
 
 
-def test_misbuilt_ranks_and_ddp_wrapped_models_are_refused(tmp_path: Path) -> None:
+def test_misbuilt_ranks_and_ddp_or_fsdp_wrapped_models_are_refused(tmp_path: Path) -> None:
     ranks = _spawn("mismatch", 2, tmp_path)
     for r in ranks:  # the same clear error on every rank, no hang
         assert r["error"] is not None and "built CooperativeOptimizer differently" in r["error"]
         assert "settings" in r["error"]
     (tmp_path / "store").unlink(missing_ok=True)
-    ddp = _spawn("ddp_refused", 2, tmp_path)
-    assert all(r["error"] is not None and "pass the module itself (model.module)" in r["error"] for r in ddp)
+    wrapped = _spawn("wrapped_refused", 2, tmp_path)
+    assert all(r["ddp"] is not None and "pass the module itself (model.module)" in r["ddp"] for r in wrapped)
+    assert all(r["fsdp"] is not None and "FSDP2 (fully_shard)" in r["fsdp"] for r in wrapped)
 
 
 def test_batchnorm_statistics_stay_identical_across_ranks(tmp_path: Path) -> None:
