@@ -27,6 +27,7 @@ the trajectory one process would follow on the concatenated batch:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -105,7 +106,13 @@ class Ranks:
         self._queued = False
         self._syncing = True
         self.bytes_reduced = 0  # gradient bytes all-reduced so far (the benchmark reads it)
-        hook = self._ready
+        ready = weakref.WeakMethod(self._ready)  # the parameters must not keep the process group alive
+
+        def hook(p: Tensor) -> None:
+            method = ready()
+            if method is not None:
+                method(p)
+
         self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self._owned]  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------ agreement

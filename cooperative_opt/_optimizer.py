@@ -11,6 +11,7 @@ public ``iteration`` / ``perturb`` / ``step`` API a user's loop uses.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Union
 
@@ -207,11 +208,9 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         for g in self._generators.values():
             g.manual_seed(self.seed)
         self._perturber = Perturber(model, self.task_params, self.settings, self._generators)
-        rank = self._ranks.rank if self._ranks is not None else 0
-        per_rank = self.settings.noise == "per_rank"
         self._iteration = OuterIteration(
             self.base, self.task_params, self.settings, self._perturber, self._ranks,
-            on_start=(lambda steps: _reseed(self._generators, self.seed, rank, steps)) if per_rank else None,
+            on_start=_per_rank_seeding(self) if self.settings.noise == "per_rank" else None,
         )
         self._perturbing = False
         self.settings.warn_inactive_consistency()
@@ -518,10 +517,21 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         )
 
 
-def _reseed(generators: dict[torch.device, torch.Generator], seed: int, rank: int, steps: int) -> None:
-    """``noise="per_rank"``: this rank's noise generators for outer iteration ``steps``."""
-    for g in generators.values():
-        g.manual_seed(mix_seed(seed, rank, steps))
+def _per_rank_seeding(opt: CooperativeOptimizer) -> Callable[[int], None]:
+    """``noise="per_rank"``: what seeds this rank's noise generators at the start of outer iteration ``steps``.
+
+    It holds the optimizer weakly, so the optimizer (and its process group) is freed as soon as it is unused.
+    """
+    ref = weakref.ref(opt)
+    rank = opt._ranks.rank if opt._ranks is not None else 0
+
+    def reseed(steps: int) -> None:
+        owner = ref()
+        if owner is not None:
+            for g in owner._generators.values():
+                g.manual_seed(mix_seed(owner.seed, rank, steps))
+
+    return reseed
 
 
 def _is_dtensor(p: Tensor) -> bool:
