@@ -72,6 +72,16 @@ def _has_tied(model: nn.Module, replaced: Sequence[Tensor]) -> bool:
     return True
 
 
+def _eager_under_vmap() -> contextlib.AbstractContextManager[Any]:
+    """Run a compiled model eagerly inside ``vmap``: dynamo refuses ``vmap(compiled_fn)`` called from eager
+    code (PyTorch issue 128711) and would then mark the model's ``forward`` as never to be compiled again,
+    which also undoes the compilation of every later ``perturb`` forward."""
+    if torch.compiler.is_compiling():  # already inside a compiled region: set_stance is not allowed there
+        return contextlib.nullcontext()
+    eager: contextlib.AbstractContextManager[Any] = torch.compiler.set_stance("force_eager")
+    return eager
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Which slices an entry replaces, and the buffers their noisy values live in."""
@@ -132,7 +142,7 @@ class Perturber:
         ]
         self._frozen: dict[int, dict[str, Tensor]] = {}
         self._aliases: list[Tensor] = []
-        self._sliced = SlicedLayers(()) if settings.sliced_layers else None
+        self._sliced = SlicedLayers() if settings.sliced_layers else None
         self._entry = 0  # entries since the last fresh draw
         self._drawn = False
         self.refresh()
@@ -144,10 +154,6 @@ class Perturber:
         self.stats.refresh()
         aliases = [{n: p.detach() for n, p in named} for named in self._named]
         self._frozen = {i: {n: t for k in others for n, t in aliases[k].items()} for i, others in self._others.items()}
-        if self._sliced is not None:
-            noisy = [v for i, plan in self._plans.items() if i != WARMUP for vs in plan.per_sample for v in vs]
-            detached = [t for a in aliases for t in a.values()]
-            self._sliced.track([p for tp in self.task_params for p in tp.encoder] + noisy + detached)
 
     def new_step(self) -> None:
         """The next entry starts an inner step: it draws fresh noise for all M samples."""
@@ -184,7 +190,9 @@ class Perturber:
             self._draw(plan, index)
         values = plan.per_sample[sample]
         if index == WARMUP:  # theta + eps keeps its graph to theta: the gradient is taken at the noisy point
-            values = list(torch._foreach_add(plan.params, values))
+            # one add per slice, not _foreach_add: its autograd node saves (and the first backward frees)
+            # its inputs, so a second forward/backward under the same entry (accumulated micro-batches) failed
+            values = [p + v for p, v in zip(plan.params, values)]
         replacements.update(zip(plan.names, values))
         return replacements
 
@@ -204,6 +212,7 @@ class Perturber:
             if replacements:
                 stack.enter_context(_reparametrize_module(self.model, replacements, tie_weights=self._tie))
             if sliced and self._sliced is not None:
+                stack.callback(self._sliced.forget)
                 stack.enter_context(self._sliced)
             yield
 
@@ -234,7 +243,8 @@ class Perturber:
         def forward(p: dict[str, Tensor], b: dict[str, Tensor]) -> Any:
             return functional_call(self.model, {**p, **b}, inputs, tie_weights=self._tie)
 
-        out = vmap(forward, in_dims=(0, 0), randomness="different")(params, buffers)
+        with _eager_under_vmap():
+            out = vmap(forward, in_dims=(0, 0), randomness="different")(params, buffers)
         if self._updates_stats(0):
             self.stats.adopt(buffers, 0)
         return [pytree.tree_map(lambda t, j=j: t[j], out) for j in range(samples)]

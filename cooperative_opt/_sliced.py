@@ -8,32 +8,50 @@ gradient and computes the whole weight gradient, half of a layer's backward
 cost, then throws the other tasks' rows away.
 
 :class:`SlicedLayers` is a :class:`torch.overrides.TorchFunctionMode` that,
-while active, remembers which tensors are ``torch.cat`` of task slices along
-dimension 0 and evaluates ``conv1d/2d/3d`` (``groups == 1``) and ``linear``
-calls on such a weight as one call per slice, concatenated along the output
-channels. The result is the same function (a convolution's output channel
-``c`` depends only on row ``c`` of the weight), and autograd now skips the
-weight gradient of every slice that is not being trained. Anything else
-(transposed convolutions, grouped convolutions, a cat that is not of task
-slices, weights transformed before use) runs unchanged.
+while active (and grad mode is on), notes each ``torch.cat`` along dimension
+0 of two or more tensors of which some require a gradient and some do not
+(the trained task's slice next to the other tasks' noisy or detached
+slices), and evaluates a ``conv1d/2d/3d`` (``groups == 1``) or ``linear``
+call whose weight *is* such a concatenation, read by the very next layer
+call as a channel-split module does, as one call per piece, concatenated
+along the output channels. The result is the same function (a convolution's
+output channel ``c`` depends only on row ``c`` of the weight), and autograd
+now skips the weight gradient of every piece that needs none. Anything else
+(transposed convolutions, grouped convolutions, a cat along another
+dimension or of pieces that all, or none, require a gradient, weights
+transformed before use) runs unchanged.
+
+Under ``torch.compile`` dynamo inlines the mode into the compiled graph, so
+the slicing survives compilation. Every decision is made from what dynamo
+already guards on (the function called, grad mode, the pieces'
+``requires_grad`` and dimensions) or traces exactly (``is`` between tensors
+of the same graph); nothing depends on a tensor's ``id()``, which would
+install an identity guard on every noise buffer and detached alias and
+recompile whenever they are recreated. The pending concatenations live in a
+short list on the mode (the weight's and the bias's, read just before the
+layer call), emptied by each layer call and by :meth:`SlicedLayers.forget`
+when ``perturb`` exits, so no concatenation outlives its forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["SlicedLayers"]
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVS: dict[Callable[..., Tensor], int] = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _CATS = (torch.cat, torch.concat, torch.concatenate)
+#: A layer reads its weight and then its bias: the two concatenations it may use.
+_PENDING = 2
+
+_Split = tuple[tuple[Tensor, ...], list[Tensor | None]]
 
 
 def _bound(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -42,24 +60,32 @@ def _bound(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return bound
 
 
+def _sliceable(tensors: object, dim: object) -> bool:
+    """A cat worth remembering: along dimension 0, of two or more tensors, some but not all needing a gradient."""
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not all(isinstance(t, Tensor) for t in tensors):
+        return False
+    first = tensors[0]
+    if not isinstance(dim, int) or first.dim() == 0 or dim not in (0, -first.dim()):
+        return False
+    grads = [t.requires_grad for t in tensors]
+    return any(grads) and not all(grads)
+
+
 class SlicedLayers(TorchFunctionMode):
     """Evaluate convolutions and linear layers on concatenated task slices slice by slice.
 
-    Args:
-        slices: the tensors that are task slices in this forward (the model's
-            slice parameters and any values standing in for them, such as
-            noisy copies). Only a ``torch.cat`` of two or more of these along
-            dimension 0 is treated as a split weight.
+    Enter it around a forward in which the trained task's slices require a
+    gradient and the other tasks' stand-ins do not; it is what
+    ``CooperativeOptimizer(sliced_layers=True)`` enters inside ``perturb``.
     """
 
-    def __init__(self, slices: Iterable[Tensor]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._slices = {id(t) for t in slices}
-        self._pieces: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._pending: list[tuple[Tensor, tuple[Tensor, ...]]] = []
 
-    def track(self, slices: Iterable[Tensor]) -> None:
-        """Replace the tensors that count as task slices (their storages changed, e.g. after ``model.to``)."""
-        self._slices = {id(t) for t in slices}
+    def forget(self) -> None:
+        """Drop the concatenations no layer has read (call it after leaving the mode)."""
+        self._pending = []
 
     def __torch_function__(
         self,
@@ -81,23 +107,25 @@ class SlicedLayers(TorchFunctionMode):
         out = func(*args, **kwargs)
         bound = _bound(("tensors", "dim"), args, kwargs)
         tensors = bound.get("tensors")
-        dim = bound.get("dim", bound.get("axis", 0))  # torch.concatenate calls it axis
-        if (
-            isinstance(tensors, (list, tuple))
-            and len(tensors) > 1
-            and all(isinstance(t, Tensor) and id(t) in self._slices for t in tensors)
-            and dim in (0, -out.dim())
-        ):
-            self._pieces[out] = tuple(tensors)
+        if torch.is_grad_enabled() and _sliceable(tensors, bound.get("dim", bound.get("axis", 0))):
+            self._pending = [*self._pending[1 - _PENDING :], (out, tuple(tensors))]  # type: ignore[arg-type]
         return out
 
-    def _split(self, weight: Tensor, bias: Tensor | None) -> tuple[tuple[Tensor, ...], list[Tensor | None]] | None:
-        if weight not in self._pieces:
+    def _pieces(self, tensor: Tensor | None) -> tuple[Tensor, ...] | None:
+        for out, pieces in self._pending:
+            if out is tensor:
+                return pieces
+        return None
+
+    def _split(self, weight: Any, bias: Tensor | None, ok: bool) -> _Split | None:
+        """The weight's pieces and a bias per piece, or ``None`` to run the layer whole; empties the pending list."""
+        pieces = self._pieces(weight) if ok and isinstance(weight, Tensor) else None
+        bias_pieces = self._pieces(bias) if pieces is not None and bias is not None else None
+        self._pending = []
+        if pieces is None:
             return None
-        pieces: tuple[Tensor, ...] = self._pieces[weight]
         if bias is None:
             return pieces, [None] * len(pieces)
-        bias_pieces: tuple[Tensor, ...] | None = self._pieces[bias] if bias in self._pieces else None
         if bias_pieces is not None and [b.shape[0] for b in bias_pieces] == [w.shape[0] for w in pieces]:
             return pieces, list(bias_pieces)
         return pieces, list(torch.split(bias, [w.shape[0] for w in pieces]))
@@ -105,7 +133,7 @@ class SlicedLayers(TorchFunctionMode):
     def _conv(self, func: Callable[..., Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         bound = _bound(_CONV_ARGS, args, kwargs)
         weight, bias = bound.pop("weight", None), bound.pop("bias", None)
-        split = self._split(weight, bias) if isinstance(weight, Tensor) and bound.get("groups", 1) == 1 else None
+        split = self._split(weight, bias, bound.get("groups", 1) == 1)
         if split is None:
             return func(*args, **kwargs)
         x = bound.pop("input")
@@ -115,7 +143,7 @@ class SlicedLayers(TorchFunctionMode):
     def _linear(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         bound = _bound(("input", "weight", "bias"), args, kwargs)
         weight, bias = bound.get("weight"), bound.get("bias")
-        split = self._split(weight, bias) if isinstance(weight, Tensor) and weight.dim() == 2 else None
+        split = self._split(weight, bias, isinstance(weight, Tensor) and weight.dim() == 2)
         if split is None:
             return F.linear(*args, **kwargs)
         x = bound["input"]

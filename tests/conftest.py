@@ -17,6 +17,24 @@ from cooperative_opt._noise import UniformNoise
 from tests.reference import NoiseLog
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (set on every test that is skipped without one, "
+                            "or parametrized with device 'cuda'); `make gpu-check` runs `pytest -m cuda`")
+
+
+def _needs_cuda(item: pytest.Item) -> bool:
+    if any("cuda" in str(mark.kwargs.get("reason", "")).lower() for mark in item.iter_markers("skipif")):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and any(str(value).startswith("cuda") for value in callspec.params.values())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _needs_cuda(item):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> Iterator[None]:
     torch.manual_seed(0)

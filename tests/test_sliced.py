@@ -64,7 +64,7 @@ def test_conv_matches_whole_layer(
 
     expected = run()
     (want,) = torch.autograd.grad(expected.square().sum(), [weights[trainable]])
-    with _Calls() as calls, SlicedLayers(weights + biases):
+    with _Calls() as calls, SlicedLayers():
         got = run()
     (have,) = torch.autograd.grad(got.square().sum(), [weights[trainable]])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -76,7 +76,7 @@ def test_linear_matches_whole_layer_with_leading_dims() -> None:
     weights, biases = _pieces([3, 2, 4], (5,)), _pieces([3, 2, 4], ())
     x = torch.randn(2, 6, 5)
     expected = F.linear(x, torch.cat(weights), torch.cat(biases))
-    with _Calls() as calls, SlicedLayers(weights + biases):
+    with _Calls() as calls, SlicedLayers():
         got = F.linear(x, torch.cat(weights), torch.cat(biases))
     torch.testing.assert_close(got, expected)
     assert calls.count["linear"] == 3
@@ -86,7 +86,7 @@ def test_unsplit_bias_is_cut_to_the_slices() -> None:
     weights = _pieces([2, 3], (4, 3, 3))
     bias = torch.randn(5, requires_grad=True)
     x = torch.randn(1, 4, 6, 6)
-    with SlicedLayers(weights):
+    with SlicedLayers():
         got = F.conv2d(x, torch.cat(weights), bias)
     torch.testing.assert_close(got, F.conv2d(x, torch.cat(weights), bias))
     (grad,) = torch.autograd.grad(got.sum(), [bias])
@@ -95,16 +95,28 @@ def test_unsplit_bias_is_cut_to_the_slices() -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown tensors", "cat along dim 1", "concatenate along axis 1", "grouped conv", "one piece", "vector weight"],
+    ["every piece trains", "no piece trains", "grad mode off", "weight transformed after the cat",
+     "another cat in between", "cat along dim 1", "concatenate along axis 1", "grouped conv", "one piece",
+     "vector weight"],
 )
 def test_layers_run_whole_when_slicing_does_not_apply(case: str) -> None:
-    a, b = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    a, b = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(2, 4, 3, 3)
     x = torch.randn(1, 4, 6, 6)
-    known: list[Tensor] = [a, b]
     run: Callable[[], Tensor] = lambda: F.conv2d(x, torch.cat([a, b]))  # noqa: E731
     name = "conv2d"
-    if case == "unknown tensors":
-        known = [a]
+    if case == "every piece trains":
+        b.requires_grad_(True)
+    elif case == "no piece trains":
+        a.requires_grad_(False)
+    elif case == "grad mode off":
+        run = torch.no_grad()(run)
+    elif case == "weight transformed after the cat":
+        run = lambda: F.conv2d(x, torch.cat([a, b]) * 2)  # noqa: E731
+    elif case == "another cat in between":
+        def run() -> Tensor:
+            weight = torch.cat([a, b])
+            torch.cat([a, b]), torch.cat([a, b])  # the mode remembers the last two cats (a weight's and a bias's)
+            return F.conv2d(x, weight)
     elif case == "cat along dim 1":
         run = lambda: F.conv2d(torch.randn(1, 8, 6, 6), torch.cat([a, b], 1))  # noqa: E731
     elif case == "concatenate along axis 1":
@@ -114,10 +126,10 @@ def test_layers_run_whole_when_slicing_does_not_apply(case: str) -> None:
     elif case == "one piece":
         run = lambda: F.conv2d(x, torch.cat([a]))  # noqa: E731
     else:
-        u, v = torch.randn(3), torch.randn(2)
-        known, name = [u, v], "linear"
+        u, v = torch.randn(3, requires_grad=True), torch.randn(2)
+        name = "linear"
         run = lambda: F.linear(torch.randn(4, 5), torch.cat([u, v]))  # noqa: E731
-    with _Calls() as calls, SlicedLayers(known):
+    with _Calls() as calls, SlicedLayers():
         run()
     assert calls.count[name] == 1
 
@@ -139,7 +151,7 @@ def test_weight_gradients_of_frozen_slices_are_not_computed() -> None:
         return out
 
     whole = _backward_flops(run, [own, x])
-    with SlicedLayers([own, noisy]):
+    with SlicedLayers():
         sliced = _backward_flops(run, [own, x])
     per_gradient = 2 * 4 * 12 * 12 * 8 * 16 * 9  # one weight or input gradient of an 8-row slice
     assert whole == 4 * per_gradient  # input and weight gradients of both slices
