@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned as a matching pair (timm needs torchvision).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test setup bench-step-time clean
+.PHONY: run test setup bench-step-time gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: setup
 
 bench-step-time: setup
 	$(BIN)/python -m benchmarks.step_time
+
+# On a machine with a CUDA device (fails without one; CI never runs it): the CUDA tests and the
+# step-time figures, written to results/gpu_check.txt. GPU_CHECK_DRY_RUN=1 runs it on CPU instead.
+gpu-check: setup
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) results .mypy_cache .pytest_cache .hypothesis

@@ -12,11 +12,21 @@ per method: the peak resident set size of three steps on CPU (reset after
 the first step through ``/proc/self/clear_refs``), ``max_memory_allocated``
 on CUDA; also shown above the process's size after imports, which counts
 the model, the optimizer state, the anchor and the noise buffers.
+
+Then, on the same resnet18 pair and the first size, three comparisons, each
+side by side in one run with the same alternating pairs: the user-loop path
+(``for name in opt.iteration(): with opt.perturb(name): ...``) against
+``opt.step(batches)`` (target <= 1.02), MT-COOL against Joint with both
+forwards under ``torch.autocast(dtype=torch.bfloat16)`` (target <= 1.00),
+and, with ``--compile``, MT-COOL against Joint with both models under
+``torch.compile`` (target <= 1.00; the first steps, which compile, are
+warm-up and not timed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -26,7 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,9 +46,10 @@ from torch import Tensor, nn
 
 import adapters
 import adapters.timm
+from benchmarks._cli import POSITIVE_INT, resolve_device
 from cooperative_opt import CooperativeOptimizer, Task
 
-SIZES = {"small": (16, 64), "large": (32, 128)}  # images per task, side length
+SIZES = {"small": (16, 64), "large": (32, 128), "tiny": (2, 32)}  # images per task, side length; tiny: smoke tests
 TASKS = ("a", "b")
 CLASSES = 5
 
@@ -70,13 +81,47 @@ def make_batches(size: str, device: torch.device, seed: int = 0) -> dict[str, tu
     }
 
 
-def joint_stepper(model: nn.Module, batches: dict[str, tuple[Tensor, Tensor]]) -> Callable[[], None]:
+Batches = dict[str, tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How both sides of a comparison run: the forward under autocast, the model under ``torch.compile``."""
+
+    autocast: torch.dtype | None = None
+    compile_backend: str | None = None  # None: eager
+
+    def compiled(self, model: nn.Module) -> nn.Module:
+        """``model``, or ``torch.compile(model)`` with the setup's backend."""
+        if self.compile_backend is None:
+            return model
+        compiled: nn.Module = torch.compile(model, backend=self.compile_backend)  # type: ignore[assignment]
+        return compiled
+
+    def forward_context(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """What the forward (and the loss) runs under."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+EAGER = Setup()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def joint_stepper(model: nn.Module, batches: Batches, setup: Setup = EAGER) -> Callable[[], None]:
     """A Joint training step: sum of the task losses, one SGD step."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    forward, device = setup.compiled(model), _device_of(model)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = torch.stack([F.cross_entropy(model(x, t), y) for t, (x, y) in batches.items()]).sum()
+        with setup.forward_context(device):
+            outputs = {t: forward(x, t) for t, (x, _) in batches.items()}
+        loss = torch.stack([F.cross_entropy(outputs[t].float(), y) for t, (_, y) in batches.items()]).sum()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
 
@@ -92,10 +137,9 @@ def _task_inputs(task: str) -> Callable[[tuple[Tensor, Tensor]], tuple[Tensor, s
     return inputs
 
 
-def cooperative_stepper(
-    model: MultiTaskResNet, batches: dict[str, tuple[Tensor, Tensor]], samples: int, vectorize: bool
-) -> Callable[[], None]:
-    """One MT-COOL outer iteration (L = 1) on a channel-split copy of ``model``."""
+def cooperative_optimizer(model: MultiTaskResNet, samples: int, vectorize: bool, setup: Setup = EAGER
+                          ) -> CooperativeOptimizer:
+    """MT-COOL (L = 1) on ``model``, channel-split in place; a compiled setup gives it ``torch.compile(model)``."""
     adapters.split_channels(model.encoder, list(TASKS))
     tasks = [
         Task(
@@ -108,10 +152,45 @@ def cooperative_stepper(
     ]
     with warnings.catch_warnings():  # M = 1: the paper's consistency term is zero, as in the paper's runs
         warnings.simplefilter("ignore", UserWarning)
-        opt = CooperativeOptimizer(model, tasks, torch.optim.SGD, lr=1e-3, samples=samples, vectorize=vectorize, seed=0)
+        return CooperativeOptimizer(setup.compiled(model), tasks, torch.optim.SGD, lr=1e-3, samples=samples,
+                                    vectorize=vectorize, seed=0)
+
+
+def cooperative_stepper(
+    model: MultiTaskResNet, batches: Batches, samples: int, vectorize: bool, setup: Setup = EAGER
+) -> Callable[[], None]:
+    """One MT-COOL outer iteration (L = 1) through ``opt.step(batches)`` on a channel-split ``model``."""
+    if setup.autocast is not None:
+        raise ValueError(
+            f"cooperative_stepper: setup.autocast={setup.autocast} would wrap the backward and the step as well; "
+            "use user_loop_stepper, which autocasts the forward only"
+        )
+    opt = cooperative_optimizer(model, samples, vectorize, setup)
 
     def step() -> None:
         opt.step(batches)
+
+    return step
+
+
+def user_loop_stepper(model: MultiTaskResNet, batches: Batches, samples: int = 1, setup: Setup = EAGER
+                      ) -> Callable[[], None]:
+    """One MT-COOL outer iteration written as a user's own loop (docs/usage.md), the forward under the setup."""
+    opt = cooperative_optimizer(model, samples, vectorize=False, setup=setup)
+    forward, device = opt.model, _device_of(model)
+
+    def step() -> None:
+        for name in opt.iteration():
+            x, y = batches[name]
+            outputs = []
+            for _ in range(samples):
+                with setup.forward_context(device), opt.perturb(name):
+                    outputs.append(forward(x, name))
+            loss = torch.stack([F.cross_entropy(o.float(), y) for o in outputs]).mean()
+            loss = loss + opt.consistency(name, outputs)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            opt.zero_grad()
 
     return step
 
@@ -138,6 +217,24 @@ class Timing:
     ratio: float
 
 
+def alternate(first: Callable[[], None], second: Callable[[], None], repeats: int, device: torch.device,
+              warmup: int = 2) -> tuple[float, float, float]:
+    """Median ms of ``first`` and of ``second``, timed in alternating pairs (the order flips every pair),
+    and the median over pairs of their ratio first / second. ``warmup`` untimed pairs come first
+    (allocator, kernels, lazy initialisation, compilation)."""
+    for _ in range(warmup):
+        first()
+        second()
+    t1: list[float] = []
+    t2: list[float] = []
+    for r in range(repeats):
+        order = [(first, t1), (second, t2)] if r % 2 == 0 else [(second, t2), (first, t1)]
+        for fn, out in order:
+            out.append(_timed(fn, device))
+    ratios = [a / b for a, b in zip(t1, t2)]
+    return 1e3 * statistics.median(t1), 1e3 * statistics.median(t2), statistics.median(ratios)
+
+
 def time_pair(size: str, samples: int, repeats: int, device: torch.device, vectorize: bool) -> Timing:
     """Median step times of Joint and MT-COOL, alternating, and the median of their per-pair ratios."""
     torch.manual_seed(0)
@@ -145,17 +242,84 @@ def time_pair(size: str, samples: int, repeats: int, device: torch.device, vecto
     batches = make_batches(size, device)
     joint = joint_stepper(copy.deepcopy(base), batches)
     coop = cooperative_stepper(copy.deepcopy(base), batches, samples, vectorize)
-    for _ in range(2):  # warm-up: allocator, kernels, lazy init
-        joint()
-        coop()
-    tj: list[float] = []
-    tc: list[float] = []
-    for r in range(repeats):
-        order = [(joint, tj), (coop, tc)] if r % 2 == 0 else [(coop, tc), (joint, tj)]
-        for fn, out in order:
-            out.append(_timed(fn, device))
-    ratios = [c / j for c, j in zip(tc, tj)]
-    return Timing(size, samples, 1e3 * statistics.median(tj), 1e3 * statistics.median(tc), statistics.median(ratios))
+    coop_ms, joint_ms, ratio = alternate(coop, joint, repeats, device)
+    return Timing(size, samples, joint_ms, coop_ms, ratio)
+
+
+# --------------------------------------------------------------- paths and precisions, side by side
+
+Stepper = Callable[[MultiTaskResNet, Batches], Callable[[], None]]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two ways of training the same resnet18 pair, timed against each other."""
+
+    key: str  # the --compare name
+    label: str  # "first / second"
+    target: float  # the ratio first / second should not exceed
+    first: Stepper
+    second: Stepper
+
+
+def comparisons(compile_backend: str = "inductor") -> dict[str, Comparison]:
+    """The comparisons ``--compare`` chooses from, by key."""
+    bf16 = Setup(autocast=torch.bfloat16)
+    compiled = Setup(compile_backend=compile_backend)
+    rows = [
+        Comparison("user-loop", "MT-COOL user loop / step(batches)", 1.02,
+                   lambda m, b: user_loop_stepper(m, b), lambda m, b: cooperative_stepper(m, b, 1, False)),
+        Comparison("bf16", "bf16 MT-COOL / bf16 Joint", 1.00,
+                   lambda m, b: user_loop_stepper(m, b, setup=bf16), lambda m, b: joint_stepper(m, b, bf16)),
+        Comparison("compile", f"compiled MT-COOL / compiled Joint ({compile_backend})", 1.00,
+                   lambda m, b: cooperative_stepper(m, b, 1, False, compiled),
+                   lambda m, b: joint_stepper(m, b, compiled)),
+    ]
+    return {row.key: row for row in rows}
+
+
+@dataclass
+class ComparisonRow:
+    """One printed comparison: median ms of each side, the median per-pair ratio, and its target."""
+
+    comparison: str
+    size: str
+    first_ms: float
+    second_ms: float
+    ratio: float
+    target: float
+    met: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.met = self.ratio <= self.target
+
+
+def time_comparison(comparison: Comparison, size: str, repeats: int, device: torch.device) -> ComparisonRow:
+    """Both sides of ``comparison`` on copies of one resnet18 pair and one set of batches, alternating."""
+    torch.manual_seed(0)
+    base = MultiTaskResNet().to(device)
+    batches = make_batches(size, device)
+    first = comparison.first(copy.deepcopy(base), batches)
+    second = comparison.second(copy.deepcopy(base), batches)
+    first_ms, second_ms, ratio = alternate(first, second, repeats, device)
+    return ComparisonRow(comparison.label, size, first_ms, second_ms, ratio, comparison.target)
+
+
+def print_comparisons(keys: list[str], size: str, repeats: int, device: torch.device,
+                      compile_backend: str) -> list[dict[str, Any]]:
+    """Run and print the chosen comparisons as one markdown table."""
+    table = comparisons(compile_backend)
+    n, side = SIZES[size]
+    print(f"\nresnet18 pair, {size} ({n}x{side}x{side}/task), {repeats} alternating pairs per comparison")
+    print("| comparison | first ms | second ms | ratio first / second (median of pairs) | target |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for key in keys:
+        row = time_comparison(table[key], size, repeats, device)
+        print(f"| {row.comparison} | {row.first_ms:.1f} | {row.second_ms:.1f} | {row.ratio:.3f} | "
+              f"<= {row.target:.2f} ({'met' if row.met else 'not met'}) |")
+        rows.append(row.__dict__)
+    return rows
 
 
 def noise_cost(device: torch.device, numel: int = 5_600_000, repeats: int = 15) -> dict[str, float]:
@@ -390,14 +554,71 @@ def print_method_tables(problems: list[str], repeats: int, device: torch.device,
     return rows
 
 
+def _compare_keys(parser: argparse.ArgumentParser, text: str, compile_too: bool) -> list[str]:
+    """The ``--compare`` keys in table order, ``compile`` added by ``--compile``."""
+    known = list(comparisons())
+    keys = {key.strip() for key in text.split(",") if key.strip()} | ({"compile"} if compile_too else set())
+    unknown = sorted(keys - set(known))
+    if unknown:
+        parser.error(f"--compare: unknown {unknown}; give a comma list drawn from {','.join(known)}")
+    return [key for key in known if key in keys]
+
+
+def _print_pairs(results: dict[str, Any], sizes: list[str], samples: list[int], repeats: int, device: torch.device,
+                 no_loop: bool) -> None:
+    """The MT-COOL / Joint table by size and M (vmap and loop), then the noise timing."""
+    print(f"resnet18, 2 tasks, {device}, {torch.get_num_threads()} threads, {repeats} alternating steps each")
+    print("| size | M | samples run by | Joint ms | MT-COOL ms | ratio (median of pairs) |")
+    print("|---|---|---|---|---|---|")
+    for index, size in enumerate(sizes):
+        for m in samples if index == 0 else [1]:
+            for vectorize in [True] if m == 1 or no_loop else [True, False]:
+                t = time_pair(size, m, repeats, device, vectorize)
+                results["timings"].append({**t.__dict__, "vmap": vectorize and m > 1})
+                n, side = SIZES[size]
+                how = "-" if m == 1 else ("vmap" if vectorize else "loop")
+                print(
+                    f"| {size} ({n}x{side}x{side}/task) | {m} | {how} | {t.joint_ms:.1f} | {t.cooperative_ms:.1f} "
+                    f"| {t.ratio:.3f} |"
+                )
+    noise = noise_cost(device)
+    results["noise_ns_per_parameter"] = noise
+    print(
+        f"\nnoise draw + add, ns per parameter: cooperative_opt {noise['cooperative_opt']:.2f}, "
+        f"torch.rand baseline {noise['torch_rand']:.2f}, uniform_ baseline {noise['uniform_']:.2f}"
+    )
+
+
+def _print_memory(results: dict[str, Any], sizes: list[str], device: torch.device) -> None:
+    """Peak memory of Joint and MT-COOL (M = 1) at each size, each in a fresh process."""
+    print("\n| size | Joint peak MiB | MT-COOL (M=1) peak MiB | ratio | above start: Joint | MT-COOL | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for size in sizes:
+        pj, dj = peak_memory("joint", size, 1, device)
+        pc, dc = peak_memory("cooperative", size, 1, device)
+        results["memory"].append(
+            {"size": size, "joint_mib": pj, "cooperative_mib": pc, "ratio": pc / pj,
+             "joint_above_start_mib": dj, "cooperative_above_start_mib": dc, "above_start_ratio": dc / dj}
+        )
+        print(f"| {size} | {pj:.0f} | {pc:.0f} | {pc / pj:.3f} | {dj:.0f} | {dc:.0f} | {dc / dj:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="small,large", help="comma list of: " + ", ".join(SIZES))
     parser.add_argument("--samples", default="1,2,4", help="M values timed at the first size (M = 1 at every size)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per method and setting")
+    parser.add_argument("--repeats", type=POSITIVE_INT, default=15, help="timed steps per method and setting")
     parser.add_argument("--no-loop", action="store_true", help="time M > 1 with vmap only (default: vmap and loop)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--compare", default="user-loop,bf16",
+                        help="comparisons timed at the first size, comma list of: " + ", ".join(comparisons())
+                        + " (empty: none)")
+    parser.add_argument("--compile", action="store_true", help="also time compiled MT-COOL against compiled Joint")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
+    parser.add_argument("--no-pairs", action="store_true",
+                        help="skip the MT-COOL / Joint table by size and M and the noise timing")
     parser.add_argument("--out", default="results/step_time.json")
     parser.add_argument("--methods", action="store_true",
                         help="also time every method of benchmarks._methods side by side (issue 4's table)")
@@ -412,44 +633,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         method, size, samples, device_name = args._child
         _peak_memory_child(method, size, int(samples), device_name)
         return {}
-    device = torch.device(args.device)
+    try:
+        device = torch.device(resolve_device(args.device))
+    except ValueError as error:
+        parser.error(str(error))
     sizes = [s for s in args.sizes.split(",") if s]
     bad = [s for s in sizes if s not in SIZES]
-    if bad:
-        parser.error(f"--sizes: unknown {bad}; choose from {list(SIZES)}")
+    if bad or not sizes:
+        parser.error(f"--sizes: unknown {bad or args.sizes!r}; choose from {list(SIZES)}")
+    compare = _compare_keys(parser, args.compare, args.compile)
     samples = [int(m) for m in args.samples.split(",")]
     results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "timings": [], "memory": []}
-    print(f"resnet18, 2 tasks, {device}, {torch.get_num_threads()} threads, {args.repeats} alternating steps each")
-    print("| size | M | samples run by | Joint ms | MT-COOL ms | ratio (median of pairs) |")
-    print("|---|---|---|---|---|---|")
-    for index, size in enumerate(sizes):
-        for m in samples if index == 0 else [1]:
-            for vectorize in [True] if m == 1 or args.no_loop else [True, False]:
-                t = time_pair(size, m, args.repeats, device, vectorize)
-                results["timings"].append({**t.__dict__, "vmap": vectorize and m > 1})
-                n, side = SIZES[size]
-                how = "-" if m == 1 else ("vmap" if vectorize else "loop")
-                print(
-                    f"| {size} ({n}x{side}x{side}/task) | {m} | {how} | {t.joint_ms:.1f} | {t.cooperative_ms:.1f} "
-                    f"| {t.ratio:.3f} |"
-                )
-    noise = noise_cost(device)
-    results["noise_ns_per_parameter"] = noise
-    print(
-        f"\nnoise draw + add, ns per parameter: cooperative_opt {noise['cooperative_opt']:.2f}, "
-        f"torch.rand baseline {noise['torch_rand']:.2f}, uniform_ baseline {noise['uniform_']:.2f}"
-    )
+    if not args.no_pairs:
+        _print_pairs(results, sizes, samples, args.repeats, device, args.no_loop)
+    if compare:
+        results["comparisons"] = print_comparisons(compare, sizes[0], args.repeats, device, args.compile_backend)
     if not args.no_memory:
-        print("\n| size | Joint peak MiB | MT-COOL (M=1) peak MiB | ratio | above start: Joint | MT-COOL | ratio |")
-        print("|---|---|---|---|---|---|---|")
-        for size in sizes:
-            pj, dj = peak_memory("joint", size, 1, device)
-            pc, dc = peak_memory("cooperative", size, 1, device)
-            results["memory"].append(
-                {"size": size, "joint_mib": pj, "cooperative_mib": pc, "ratio": pc / pj,
-                 "joint_above_start_mib": dj, "cooperative_above_start_mib": dc, "above_start_ratio": dc / dj}
-            )
-            print(f"| {size} | {pj:.0f} | {pc:.0f} | {pc / pj:.3f} | {dj:.0f} | {dc:.0f} | {dc / dj:.3f} |")
+        _print_memory(results, sizes, device)
     if args.methods:
         problems = [p for p in args.problems.split(",") if p]
         results["methods"] = print_method_tables(problems, args.repeats, device, not args.no_memory)
@@ -458,7 +658,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
     return results
-
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,16 @@
-"""The every-method table of ``benchmarks.step_time``: row labels and the learners they build."""
+"""``benchmarks.step_time``: the every-method table's rows and learners, and the side-by-side comparisons."""
 
 from __future__ import annotations
 
+import copy
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
+import torch._dynamo
 
 pytest.importorskip("torchjd")
 
@@ -40,3 +47,80 @@ def test_the_memory_child_builds_the_learner_its_row_times(
 def test_unknown_label_option_is_rejected_by_name() -> None:
     with pytest.raises(ValueError, match="unknown option 'fast'"):
         step_time._learner(_lenet_like_problem(), "mt_cool (fast)", torch.device("cpu"))
+
+
+# ------------------------------------------------------- the comparisons: user loop, bf16, compiled
+
+
+class _TinyPair(torch.nn.Module):
+    """Stands in for resnet18 in the smoke tests: the same interface (encoder, heads, forward(x, task))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 512))
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(512, step_time.CLASSES) for t in step_time.TASKS})
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        out: torch.Tensor = self.heads[task](self.encoder(x))
+        return out
+
+
+@pytest.fixture
+def tiny_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(step_time, "MultiTaskResNet", _TinyPair)
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("tiny_pair", "fresh_dynamo")
+def test_every_comparison_prints_a_finite_ratio_and_its_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "step_time.json"
+    results = step_time.main(["--sizes", "tiny", "--repeats", "2", "--no-memory", "--no-pairs", "--device", "cpu",
+                              "--compare", "user-loop,bf16", "--compile", "--compile-backend", "aot_eager",
+                              "--out", str(out)])
+    rows = results["comparisons"]
+    labels = ["MT-COOL user loop / step(batches)", "bf16 MT-COOL / bf16 Joint",
+              "compiled MT-COOL / compiled Joint (aot_eager)"]
+    assert [row["comparison"] for row in rows] == labels
+    assert [row["target"] for row in rows] == [1.02, 1.00, 1.00]
+    for row in rows:
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("first_ms", "second_ms", "ratio")), row
+        assert row["met"] == (row["ratio"] <= row["target"])
+    printed = capsys.readouterr().out
+    assert all(f"| {label} |" in printed for label in labels)
+    assert json.loads(out.read_text())["comparisons"] == rows
+
+
+def test_the_user_loop_and_step_batches_train_alike() -> None:
+    # The user-loop row times the same computation as step(batches): same parameters after two steps.
+    torch.manual_seed(0)
+    base = _TinyPair()
+    batches = step_time.make_batches("tiny", torch.device("cpu"))
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    loop, driver = step_time.user_loop_stepper(models[0], batches), step_time.cooperative_stepper(
+        models[1], batches, 1, False)
+    for _ in range(2):
+        loop()
+        driver()
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_comparison_options_are_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        step_time.main(["--compare", "user-loop,fp8", "--device", "cpu"])
+    assert "--compare: unknown ['fp8']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="use user_loop_stepper"):
+        step_time.cooperative_stepper(_TinyPair(), {}, 1, False, step_time.Setup(autocast=torch.bfloat16))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            step_time.main(["--device", "cuda"])
+        assert "--device 'cuda' asks for CUDA" in capsys.readouterr().err
