@@ -176,6 +176,7 @@ class Training:
         noise_scale: MT-COOL noise in ``"absolute"`` units (the paper) or ``"relative"`` to each
             slice's root-mean-square value.
         samples: MT-COOL noise samples M.
+        noise: MT-COOL noise across ranks under torch.distributed: ``"identical"`` or ``"per_rank"``.
         inner_steps: MT-COOL inner steps L.
         consistency_weight: MT-COOL lambda, ``None`` for the library default.
         warmup_steps: MT-COOL warm-up steps.
@@ -198,6 +199,7 @@ class Training:
     noise_bound: float | None = None
     noise_scale: Literal["absolute", "relative"] = "absolute"
     samples: int = 1
+    noise: Literal["identical", "per_rank"] = "identical"
     inner_steps: int = 1
     consistency_weight: float | None = None
     warmup_steps: int = 0
@@ -553,6 +555,7 @@ class CooperativeLearner:
                 noise_bound=training.noise_bound if spec.noise else None,
                 noise_scale=training.noise_scale if spec.noise else "absolute",
                 samples=training.samples,
+                noise=training.noise if spec.noise else "identical",
                 inner_steps=training.inner_steps,
                 warmup_steps=training.warmup_steps,
                 running_stats=training.running_stats,

@@ -110,6 +110,7 @@ class ScenarioConfig:
             ``CosineAnnealingLR`` from ``lr`` to 0 over all steps, the same for every method).
         methods: methods to run, in :data:`benchmarks._methods.METHODS` order.
         bound, samples, inner_steps, consistency_weight: MT-COOL b, M, L, lambda.
+        noise: MT-COOL noise under ``--distributed``: ``"identical"`` on every rank or ``"per_rank"``.
         noise_bound: MT-COOL noise bound alone (``None``: ``bound``; the clamp keeps ``bound``).
         noise_scale: MT-COOL noise ``"absolute"`` (the paper) or ``"relative"`` to each slice's scale.
         warmup_epochs: MT-COOL warm-up length in epochs.
@@ -138,6 +139,7 @@ class ScenarioConfig:
     noise_bound: float | None
     noise_scale: Literal["absolute", "relative"]
     samples: int
+    noise: Literal["identical", "per_rank"]
     inner_steps: int
     consistency_weight: float | None
     warmup_epochs: int
@@ -227,6 +229,8 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
         help="MT-COOL noise U(-b, b) (absolute, the paper's) or U(-b r, b r) with r each slice's "
              "root-mean-square value (relative); the clamp stays absolute (default absolute)")
     add("--samples", type=POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
+    add("--noise", choices=("identical", "per_rank"), default="identical",
+        help="MT-COOL noise under --distributed: the same draws on every rank (default) or each rank its own")
     add("--inner-steps", type=POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
     add("--consistency-weight", type=NON_NEGATIVE, default=None, help="MT-COOL lambda (default: library's)")
     add("--warmup-epochs", type=NON_NEGATIVE_INT, default=None,
@@ -273,6 +277,7 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         noise_bound=args.noise_bound,
         noise_scale=args.noise_scale,
         samples=args.samples,
+        noise=args.noise,
         inner_steps=args.inner_steps,
         consistency_weight=args.consistency_weight,
         warmup_epochs=filled["warmup_epochs"],
@@ -312,6 +317,7 @@ def _training(config: ScenarioConfig, seed: int, warmup_steps: int) -> Training:
         noise_bound=config.noise_bound,
         noise_scale=config.noise_scale,
         samples=config.samples,
+        noise=config.noise,
         inner_steps=config.inner_steps,
         consistency_weight=config.consistency_weight,
         warmup_steps=warmup_steps,

@@ -52,7 +52,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,7 @@ class BenchmarkConfig:
         methods: methods to run, a subset of :data:`METHODS` in that order.
         bound: MT-COOL noise/clamp bound b (paper: 0.05).
         samples: MT-COOL noise samples M per step (paper: 1).
+        noise: MT-COOL noise under ``--distributed``: ``"identical"`` on every rank or ``"per_rank"``.
         inner_steps: MT-COOL inner steps L per task per outer iteration.
         consistency_weight: MT-COOL lambda, or ``None`` for the library default
             (1.0 for ``mt_cool`` / ``mt_cool_clean``, 0 for the others).
@@ -151,6 +152,7 @@ class BenchmarkConfig:
     methods: tuple[str, ...]
     bound: float
     samples: int
+    noise: Literal["identical", "per_rank"]
     inner_steps: int
     consistency_weight: float | None
     warmup_epochs: int
@@ -186,6 +188,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add("--methods", type=method_list, default=None, help=f"comma list (default {','.join(METHODS)})")
     add("--bound", type=NON_NEGATIVE, default=0.05, help="MT-COOL bound b (default 0.05)")
     add("--samples", type=POSITIVE_INT, default=1, help="MT-COOL noise samples M (default 1)")
+    add("--noise", choices=("identical", "per_rank"), default="identical",
+        help="MT-COOL noise under --distributed: the same draws on every rank (default) or each rank its own")
     add("--inner-steps", type=POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
     add("--consistency-weight", type=NON_NEGATIVE, default=None, help="MT-COOL lambda (default: library's)")
     add("--warmup-epochs", type=NON_NEGATIVE_INT, default=1, help="MT-COOL warm-up epochs (default 1)")
@@ -229,6 +233,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
         methods=methods,
         bound=args.bound,
         samples=args.samples,
+        noise=args.noise,
         inner_steps=args.inner_steps,
         consistency_weight=args.consistency_weight,
         warmup_epochs=args.warmup_epochs,
@@ -356,6 +361,7 @@ def _training(config: BenchmarkConfig, seed: int, warmup_steps: int) -> Training
         momentum=config.momentum,
         bound=config.bound,
         samples=config.samples,
+        noise=config.noise,
         inner_steps=config.inner_steps,
         consistency_weight=config.consistency_weight,
         warmup_steps=warmup_steps,
