@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.spawn import spawn
 
 import adapters
+from tests.test_benchmark_methods import _lenet_like_problem
 from benchmarks import distributed, even_odd
 from benchmarks._cli import TORCHRUN_VARIABLES, Launch, sharded_schedule
-from benchmarks._methods import DISTRIBUTED_METHODS, GRADIENT_METHODS, Batch, Problem, Training, build_learner
+from benchmarks._methods import DISTRIBUTED_METHODS, GRADIENT_METHODS, Batch, Training, build_learner
 from benchmarks.step_time import TASKS, _classifier_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,17 +92,6 @@ def test_size_flag_names_the_format() -> None:
 # The learners on two ranks compute what one process computes on the whole batch
 
 
-def _small_problem() -> Problem:
-    def encoder() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 12), nn.Tanh())
-
-    def multi_task() -> nn.Module:
-        return adapters.MultiTaskModel(encoder(), {"a": nn.Linear(12, 3), "b": nn.Linear(12, 4)})
-
-    def single_task(task: str) -> nn.Module:
-        return nn.Sequential(encoder(), nn.Linear(12, 3 if task == "a" else 4))
-
-    return Problem(("a", "b"), multi_task, single_task, {"a": F.cross_entropy, "b": F.cross_entropy})
 
 
 _LEARNER_METHODS = ("independent", "joint", "without_reg")
@@ -118,7 +107,7 @@ def _whole_batches(step: int) -> dict[str, Batch]:
 
 def _train(method: str, rank: int = 0, world: int = 1, steps: int = _STEPS) -> dict[str, Tensor]:
     """The parameters after ``steps`` steps on this rank's share of every step's batch."""
-    learner = build_learner(method, _small_problem(), Training(lr=0.2, momentum=0.5, warmup_steps=1))
+    learner = build_learner(method, _lenet_like_problem(), Training(lr=0.2, momentum=0.5, warmup_steps=1))
     share = _BATCH // world
     for step in range(steps):
         learner.train_step({task: (x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
@@ -138,7 +127,7 @@ def _learner_worker(rank: int, world: int, store: str) -> None:
         refused: dict[str, str | None] = {}
         for method in GRADIENT_METHODS[:1]:
             try:
-                build_learner(method, _small_problem(), Training())
+                build_learner(method, _lenet_like_problem(), Training())
                 refused[method] = None
             except ValueError as error:
                 refused[method] = str(error)

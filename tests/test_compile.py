@@ -25,6 +25,7 @@ from torch._dynamo.utils import counters
 
 from cooperative_opt import CooperativeOptimizer
 from tests.conftest import make_batches, make_model, make_tasks, params_of
+from tests.test_user_loop import user_loop
 
 NAMES = ["a", "b"]
 Forward = Callable[..., Tensor]
@@ -49,22 +50,6 @@ def _build(**kwargs: Any) -> tuple[nn.Module, CooperativeOptimizer]:
     return model, opt
 
 
-def _user_loop(opt: CooperativeOptimizer, forward: Forward, batches: dict[str, tuple[Tensor, Tensor]]) -> None:
-    samples = opt.settings.samples if opt.settings.noise_bound is not None else 1
-    for name in opt.iteration():
-        x, y = batches[name]
-        outputs = []
-        for _ in range(samples):
-            with opt.perturb(name):
-                outputs.append(forward(x, name))
-        loss = torch.stack([F.cross_entropy(o, y) for o in outputs]).mean()
-        if opt.phase == "cooperative":
-            loss = loss + opt.consistency(name, outputs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-
 def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
@@ -72,7 +57,7 @@ def _graphs() -> int:
 def _eager_parameters(steps: int, **kwargs: Any) -> dict[str, Tensor]:
     model, opt = _build(**kwargs)
     for s in range(steps):
-        _user_loop(opt, model, make_batches(NAMES, seed=s))
+        user_loop(model, opt, make_batches(NAMES, seed=s))
     return params_of(model)
 
 
@@ -81,7 +66,7 @@ def test_compiled_model_trains_50_iterations_with_a_fixed_number_of_graphs() -> 
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
     graphs = []
     for s in range(50):
-        _user_loop(opt, compiled, make_batches(NAMES, seed=s))
+        user_loop(compiled, opt, make_batches(NAMES, seed=s))
         if s + 1 in (10, 50):
             graphs.append(_graphs())
     assert graphs[0] == graphs[1] == len(NAMES)  # one graph per task name (its head), none added by steps
@@ -96,7 +81,7 @@ def test_slicing_survives_compilation() -> None:
         torch._dynamo.reset()
         model, opt = _build(variant="without_reg", sliced_layers=sliced)
         backend = CompileCounterWithBackend("aot_eager")
-        _user_loop(opt, torch.compile(model, backend=backend, fullgraph=True), make_batches(NAMES))
+        user_loop(torch.compile(model, backend=backend, fullgraph=True), opt, make_batches(NAMES))
         assert backend.frame_count == len(NAMES)
         ops = Counter(n.target for g in backend.graphs for n in g.graph.nodes if n.op == "call_function")
         calls[sliced] = (ops[torch.conv2d], ops[F.linear])
@@ -149,7 +134,7 @@ def test_every_way_of_compiling_matches_eager_with_a_fixed_number_of_graphs(way:
             if s % 2:
                 o.step(batches)
             else:
-                _user_loop(o, f, batches)
+                user_loop(f, o, batches)
         if s + 1 in (4, 8):
             graphs.append(_graphs())
     assert graphs[0] == graphs[1] <= 2 * len(NAMES)  # warm-up (every slice trains) adds one graph per task

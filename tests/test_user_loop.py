@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import adapters
-from cooperative_opt import CooperativeOptimizer, Task
+from cooperative_opt import CooperativeOptimizer
 from tests.conftest import make_batches, make_model, make_tasks, params_of, same
 from tests.reference import NoiseLog, ReferenceMTCOOL
 
