@@ -165,6 +165,7 @@ def _worker(rank: int, store: str, settings: Settings) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=rank, world_size=WORLD)
     try:
         measured = _rounds(rank, plain, settings)
+        dist.barrier()  # no rank closes its sockets while another still reads from them
     finally:
         dist.destroy_process_group()
     if rank == 0:

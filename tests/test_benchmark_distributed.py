@@ -12,18 +12,16 @@ import math
 import os
 import subprocess
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import spawn
 
 import adapters
+from tests._ranks import spawn_ranks
 from tests.test_benchmark_methods import _lenet_like_problem
 from benchmarks import distributed, even_odd
 from benchmarks._cli import TORCHRUN_VARIABLES, Launch, sharded_schedule
@@ -116,33 +114,23 @@ def _train(method: str, rank: int = 0, world: int = 1, steps: int = _STEPS) -> d
     return {f"{key}.{name}": p.detach().clone() for key, m in modules.items() for name, p in m.named_parameters()}
 
 
-def _learner_worker(rank: int, world: int, store: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=rank, world_size=world)
-    result: dict[str, Any] = {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            result = {method: _train(method, rank, world) for method in _LEARNER_METHODS}
-        refused: dict[str, str | None] = {}
-        for method in GRADIENT_METHODS[:1]:
-            try:
-                build_learner(method, _lenet_like_problem(), Training())
-                refused[method] = None
-            except ValueError as error:
-                refused[method] = str(error)
-        result["refused"] = refused
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, f"{store}/rank{rank}.pt")
+def _learners_on_ranks(rank: int, world: int, folder: Path) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result: dict[str, Any] = {method: _train(method, rank, world) for method in _LEARNER_METHODS}
+    refused: dict[str, str | None] = {}
+    for method in GRADIENT_METHODS[:1]:
+        try:
+            build_learner(method, _lenet_like_problem(), Training())
+            refused[method] = None
+        except ValueError as error:
+            refused[method] = str(error)
+    result["refused"] = refused
+    return result
 
 
 def test_learners_on_two_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
-    spawn(_learner_worker, args=(2, str(tmp_path)), nprocs=2, join=True)  # type: ignore[no-untyped-call]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert "crash" not in ranks[0] and "crash" not in ranks[1], ranks[0].get("crash") or ranks[1].get("crash")
+    ranks = spawn_ranks(_learners_on_ranks, 2, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for method in _LEARNER_METHODS:

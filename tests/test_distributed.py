@@ -8,8 +8,6 @@ the all-reduce sums the shards' gradients in another order).
 
 from __future__ import annotations
 
-import os
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +16,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cooperative_opt import CooperativeOptimizer
 from tests.conftest import make_batches, make_model, make_tasks, params_of
+from tests._ranks import spawn_ranks
 from tests.test_user_loop import user_loop
 
 NAMES = ["a", "b"]
@@ -211,26 +209,8 @@ SCENARIOS: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
 }
 
 
-def _worker(rank: int, world: int, tmp: str, scenario: str) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    try:
-        result = SCENARIOS[scenario](rank, world, Path(tmp))
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, f"{tmp}/rank{rank}.pt")
-
-
 def _spawn(scenario: str, world: int, tmp_path: Path) -> list[dict[str, Any]]:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, str(tmp_path), scenario), nprocs=world, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    crashes = [r["crash"] for r in results if "crash" in r]
-    assert not crashes, crashes[0]
-    return results
+    return spawn_ranks(SCENARIOS[scenario], world, tmp_path)
 
 
 def _identical(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
@@ -274,7 +254,6 @@ def test_misbuilt_ranks_and_ddp_or_fsdp_wrapped_models_are_refused(tmp_path: Pat
     for r in ranks:  # the same clear error on every rank, no hang
         assert r["error"] is not None and "built CooperativeOptimizer differently" in r["error"]
         assert "settings" in r["error"]
-    (tmp_path / "store").unlink(missing_ok=True)
     wrapped = _spawn("wrapped_refused", 2, tmp_path)
     assert all(r["ddp"] is not None and "pass the module itself (model.module)" in r["ddp"] for r in wrapped)
     assert all(r["fsdp"] is not None and "FSDP2 (fully_shard)" in r["fsdp"] for r in wrapped)

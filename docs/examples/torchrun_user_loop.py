@@ -90,6 +90,7 @@ def main(epochs: int = 3, batch_size: int = 16) -> None:
         if rank == 0:
             losses = ", ".join(f"{task} {value:.3f}" for task, value in zip(TASKS, mean))
             print(f"epoch {epoch}: world_size={opt.world_size}, training loss {losses}", flush=True)
+    dist.barrier()  # every rank done before any closes its connections
     dist.destroy_process_group()
 
 
