@@ -11,7 +11,8 @@ LR schedulers, Lightning and Accelerate (docs/usage.md).
 
 from cooperative_opt import diagnostics
 from cooperative_opt._consistency import bernoulli_kl, softmax_kl
-from cooperative_opt._optimizer import CooperativeOptimizer, OptimizerSpec
+from cooperative_opt._base import OptimizerSpec
+from cooperative_opt._optimizer import CooperativeOptimizer
 from cooperative_opt._report import Phase, StepReport
 from cooperative_opt._running_stats import RunningStatsPolicy
 from cooperative_opt._settings import Settings

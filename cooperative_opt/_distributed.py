@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,10 @@ from torch.autograd import Variable
 
 from cooperative_opt._ownership import TaskParameters
 
-__all__ = ["NoiseMode", "Ranks", "mix_seed", "process_group_of"]
+if TYPE_CHECKING:
+    from cooperative_opt._optimizer import CooperativeOptimizer
+
+__all__ = ["NoiseMode", "Ranks", "mix_seed", "per_rank_seeding", "process_group_of", "refuse_wrapped"]
 
 NoiseMode = Literal["identical", "per_rank"]
 
@@ -52,6 +55,27 @@ def mix_seed(*values: int) -> int:
         state = (state ^ (v & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
         state = (state ^ (state >> 31)) * 0x94D049BB133111EB & _MASK
     return (state ^ (state >> 29)) >> 1
+
+
+def refuse_wrapped(model: nn.Module) -> None:
+    """``ValueError`` for a model the optimizer cannot keep in step: DDP-wrapped, or with DTensor parameters."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "model is wrapped in DistributedDataParallel; pass the module itself (model.module) and call it "
+            "directly: CooperativeOptimizer averages each stepping task's gradients over the ranks itself, "
+            "which DDP cannot do without find_unused_parameters (docs/distributed.md)"
+        )
+    if not dist.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"model has DTensor parameters ({sharded[:3]}...): FSDP2 (fully_shard) and tensor parallelism are "
+            "not supported yet; train with one full copy of the model per rank (the optimizer averages the "
+            "gradients itself). docs/distributed.md, 'FSDP2', says why and what it would take"
+        )
 
 
 def process_group_of(process_group: object) -> dist.ProcessGroup | None:
@@ -80,7 +104,8 @@ class Ranks:
         group: the process group.
         model: the model whose parameters and buffers are broadcast from rank 0.
         task_params: each task's parameters, in task order.
-        signature: what every rank must agree on (tasks, settings, parameter shapes).
+        base: the base optimizer (its class and hyperparameters must agree too).
+        signature: what else every rank must agree on (tasks, settings, seed).
         bucket_bytes: the size at which a bucket's all-reduce is launched.
     """
 
@@ -89,6 +114,7 @@ class Ranks:
         group: dist.ProcessGroup,
         model: nn.Module,
         task_params: Sequence[TaskParameters],
+        base: torch.optim.Optimizer,
         signature: dict[str, Any],
         bucket_bytes: int = 25 * 2**20,
     ) -> None:
@@ -96,7 +122,12 @@ class Ranks:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.bucket_bytes = bucket_bytes
-        self._check(signature)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+        self._check({
+            **signature,
+            "parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
+            "optimizer": (type(base).__name__, repr(groups)),
+        })
         self._broadcast([*model.parameters(), *model.buffers()])
         self._owned = [p for tp in task_params for p in tp.own]
         self._active: set[int] = set()
@@ -234,3 +265,20 @@ def _flatten(tensors: Sequence[Tensor]) -> Tensor:
 def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Views of ``flat`` shaped like ``like``."""
     return [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+
+
+def per_rank_seeding(opt: CooperativeOptimizer) -> Callable[[int], None]:
+    """``noise="per_rank"``: what seeds this rank's noise generators at the start of outer iteration ``steps``.
+
+    It holds the optimizer weakly, so the optimizer (and its process group) is freed as soon as it is unused.
+    """
+    ref = weakref.ref(opt)
+    rank = opt._ranks.rank if opt._ranks is not None else 0
+
+    def reseed(steps: int) -> None:
+        owner = ref()
+        if owner is not None:
+            for g in owner._generators.values():
+                g.manual_seed(mix_seed(owner.seed, rank, steps))
+
+    return reseed

@@ -2,8 +2,10 @@
 
 The class wires the pieces together and keeps the contract the ecosystem
 relies on (``param_groups``, ``state``, ``step(closure)``, ``state_dict``):
-settings (:mod:`._settings`), the noisy evaluation engine
-(:mod:`._perturb`), the outer iteration (:mod:`._iteration`) and the
+settings (:mod:`._settings`), the base optimizer (:mod:`._base`), the
+noisy evaluation engine (:mod:`._perturb`), the outer iteration
+(:mod:`._iteration`), the ranks under ``torch.distributed``
+(:mod:`._distributed`), checkpoints (:mod:`._checkpoint`) and the
 ``step(batches)`` driver (:mod:`._batches`), which is written on the same
 public ``iteration`` / ``perturb`` / ``step`` API a user's loop uses.
 """
@@ -11,17 +13,17 @@ public ``iteration`` / ``perturb`` / ``step`` API a user's loop uses.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from cooperative_opt._base import OptimizerSpec, build_base
 from cooperative_opt._batches import run_batches
 from cooperative_opt._checkpoint import load_cooperative_state, cooperative_state
 from cooperative_opt._consistency import consistency_term
-from cooperative_opt._distributed import NoiseMode, Ranks, mix_seed, process_group_of
+from cooperative_opt._distributed import NoiseMode, Ranks, per_rank_seeding, process_group_of, refuse_wrapped
 from cooperative_opt._iteration import OuterIteration
 from cooperative_opt._ownership import resolve_ownership
 from cooperative_opt._perturb import Perturber
@@ -31,11 +33,8 @@ from cooperative_opt._settings import Settings, Vectorize, positive_int
 from cooperative_opt._task import Task
 from cooperative_opt._variants import Variant
 
-__all__ = ["CooperativeOptimizer", "OptimizerSpec"]
+__all__ = ["CooperativeOptimizer"]
 
-#: A torch optimizer instance over the model's parameters, or a class / factory
-#: called as ``optimizer(param_groups, **optimizer_kwargs)``.
-OptimizerSpec = Union[torch.optim.Optimizer, Callable[..., torch.optim.Optimizer], None]
 
 
 class CooperativeOptimizer(torch.optim.Optimizer):
@@ -167,24 +166,12 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             warmup_steps=warmup_steps, running_stats=running_stats, vectorize=vectorize,
             nonfinite=nonfinite, sliced_layers=sliced_layers, noise=noise,
         )
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError(
-                "model is wrapped in DistributedDataParallel; pass the module itself (model.module) and call it "
-                "directly: CooperativeOptimizer averages each stepping task's gradients over the ranks itself, "
-                "which DDP cannot do without find_unused_parameters (docs/distributed.md)"
-            )
-        sharded = [n for n, p in model.named_parameters() if _is_dtensor(p)]
-        if sharded:
-            raise ValueError(
-                f"model has DTensor parameters ({sharded[:3]}...): FSDP2 (fully_shard) and tensor parallelism are "
-                "not supported yet; train with one full copy of the model per rank (the optimizer averages the "
-                "gradients itself). docs/distributed.md, 'FSDP2', says why and what it would take"
-            )
+        refuse_wrapped(model)
         group = process_group_of(process_group)
         self.model = model
         self.tasks, self.task_params = resolve_ownership(model, tasks, task_parameters)
         self._index = {t.name: i for i, t in enumerate(self.tasks)}
-        self.base = self._build_base(optimizer, optimizer_kwargs)
+        self.base = build_base(model, self.task_params, optimizer, optimizer_kwargs)
         self._built = False
         super().__init__(self.base.param_groups, self.base.defaults)
         self._share_base_state()
@@ -194,11 +181,8 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             positive_int("seed", seed, 0)
         self._ranks: Ranks | None = None
         if group is not None:
-            shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.base.param_groups]
-            signature = {"tasks": [t.name for t in self.tasks], "settings": self.settings, "parameters": shapes,
-                         "optimizer": (type(self.base).__name__, repr(groups)), "seed": seed}
-            self._ranks = Ranks(group, model, self.task_params, signature)
+            signature = {"tasks": [t.name for t in self.tasks], "settings": self.settings, "seed": seed}
+            self._ranks = Ranks(group, model, self.task_params, self.base, signature)
             seed = self._ranks.shared_seed(seed)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -210,48 +194,12 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         self._perturber = Perturber(model, self.task_params, self.settings, self._generators)
         self._iteration = OuterIteration(
             self.base, self.task_params, self.settings, self._perturber, self._ranks,
-            on_start=_per_rank_seeding(self) if self.settings.noise == "per_rank" else None,
+            on_start=per_rank_seeding(self) if self.settings.noise == "per_rank" else None,
         )
         self._perturbing = False
         self.settings.warn_inactive_consistency()
 
     # ------------------------------------------------------------- set-up
-
-    def _build_base(self, optimizer: OptimizerSpec, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        owned = [p for tp in self.task_params for p in tp.own]
-        if isinstance(optimizer, torch.optim.Optimizer):
-            if kwargs:
-                raise TypeError(
-                    f"optimizer is already an instance; the keyword arguments {sorted(kwargs)} would be ignored. "
-                    "Set them on the instance, or pass the optimizer class instead"
-                )
-            in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            missing = [names.get(id(p), "<head parameter>") for p in owned if id(p) not in in_opt]
-            if missing:
-                raise ValueError(
-                    f"the optimizer instance does not hold these task parameters: {missing}; build it over "
-                    "model.parameters() after adapters.split_channels (splitting replaces the parameters)"
-                )
-            extra = sorted(in_opt - {id(p) for p in owned})
-            if extra:
-                found = [names.get(i, "<not in model>") for i in extra]
-                raise ValueError(
-                    f"the optimizer instance holds parameters no task owns: {found}; freeze them or give them to a task"
-                )
-            return optimizer
-        if optimizer is None:
-            optimizer = torch.optim.SGD
-            kwargs = {"lr": 0.1, **kwargs}
-        if not callable(optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer instance, an optimizer class, or None; got {optimizer!r}"
-            )
-        groups = [{"params": list(tp.own), "task": tp.name} for tp in self.task_params]
-        base = optimizer(groups, **kwargs)
-        if not isinstance(base, torch.optim.Optimizer):
-            raise TypeError(f"optimizer(param_groups, **kwargs) must return a torch.optim.Optimizer, got {base!r}")
-        return base
 
     def _share_base_state(self) -> None:
         """Alias the base optimizer's groups and state, so schedulers, scalers and hooks act on it."""
@@ -515,29 +463,3 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             f"consistency_reference={s.consistency_reference!r}, warmup_steps={s.warmup_steps}, "
             f"base={type(self.base).__name__})"
         )
-
-
-def _per_rank_seeding(opt: CooperativeOptimizer) -> Callable[[int], None]:
-    """``noise="per_rank"``: what seeds this rank's noise generators at the start of outer iteration ``steps``.
-
-    It holds the optimizer weakly, so the optimizer (and its process group) is freed as soon as it is unused.
-    """
-    ref = weakref.ref(opt)
-    rank = opt._ranks.rank if opt._ranks is not None else 0
-
-    def reseed(steps: int) -> None:
-        owner = ref()
-        if owner is not None:
-            for g in owner._generators.values():
-                g.manual_seed(mix_seed(owner.seed, rank, steps))
-
-    return reseed
-
-
-def _is_dtensor(p: Tensor) -> bool:
-    """Whether ``p`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallelism)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)

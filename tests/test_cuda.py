@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 from cooperative_opt import CooperativeOptimizer
 from tests.conftest import make_batches, make_model, make_tasks, params_of, same
-from tests.test_compile import _user_loop
+from tests.test_user_loop import user_loop
 
 NAMES = ["a", "b"]
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
@@ -97,13 +97,13 @@ def test_compiled_model_on_cuda_keeps_a_fixed_number_of_graphs(device: str) -> N
     compiled = torch.compile(model, fullgraph=True)
     graphs = []
     for s in range(20):
-        _user_loop(opt, compiled, _batches(device, s))
+        user_loop(compiled, opt, _batches(device, s))
         if s + 1 in (5, 20):
             graphs.append(int(counters["stats"]["unique_graphs"]))
     assert graphs[0] == graphs[1] == len(NAMES)
     eager_model, eager_opt = _build(device)
     for s in range(20):
-        _user_loop(eager_opt, eager_model, _batches(device, s))
+        user_loop(eager_model, eager_opt, _batches(device, s))
     expected = params_of(eager_model)
     for name, value in params_of(model).items():  # cuDNN may pick other algorithms for the compiled graph
         torch.testing.assert_close(value, expected[name], rtol=1e-3, atol=1e-4, msg=name)
