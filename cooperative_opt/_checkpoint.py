@@ -95,9 +95,12 @@ def _check(opt: CooperativeOptimizer, coop: Mapping[str, Any]) -> None:
     tasks = [t.name for t in opt.tasks]
     if list(coop["tasks"]) != tasks:
         raise ValueError(f"state_dict is for tasks {coop['tasks']}, this optimizer has {tasks}")
-    mine = opt.settings.checkpointed()
-    theirs = {"noise_scale": "absolute", **coop["hyperparameters"]}  # saved before noise_scale existed
-    differing = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    # settings added after 0.1 are saved only when they differ from their default, which an older or a
+    # default-valued checkpoint means
+    defaults = {"noise_scale": "absolute", "noise": "identical", "update_order": "gauss_seidel"}
+    mine = {**defaults, **opt.settings.checkpointed()}
+    theirs = {**defaults, **coop["hyperparameters"]}
+    differing = {k: (theirs.get(k), mine.get(k)) for k in sorted({*mine, *theirs}) if theirs.get(k) != mine.get(k)}
     if differing:
         raise ValueError(
             f"state_dict was saved with different settings (saved, current): {differing}; build the "

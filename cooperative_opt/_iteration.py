@@ -68,6 +68,7 @@ class OuterIteration:
         perturber: Perturber,
         ranks: Ranks | None = None,
         on_start: Callable[[int], None] | None = None,
+        previous: Sequence[Sequence[Tensor]] | None = None,
     ) -> None:
         self.base = base
         self.ranks = ranks
@@ -81,14 +82,21 @@ class OuterIteration:
         self.last_report: StepReport | None = None
         self._stepped = False
         self._skip_reason = NOT_STEPPED
-        self._thetas: list[Tensor] = [p for tp in self.task_params for p in tp.encoder]
-        needs_anchor = settings.clamp_bound is not None or settings.inner_steps > 1
-        self._anchor = [torch.empty_like(p) for p in self._thetas] if needs_anchor else []
-        self._anchor_of: list[list[Tensor]] = []
-        start = 0
-        for tp in self.task_params:
-            self._anchor_of.append(self._anchor[start : start + len(tp.encoder)] if self._anchor else [])
-            start += len(tp.encoder)
+        # the previous iterate theta^[t-1], copied when an outer iteration starts: the clamp's anchor, and under
+        # update_order="jacobi" (``previous``: one buffer per owned parameter) what the other tasks are read at
+        if previous is not None:
+            self._thetas: list[Tensor] = [p for tp in self.task_params for p in tp.own]
+            self._anchor = [b for buffers in previous for b in buffers]
+            self._anchor_of = [list(buffers[: len(tp.encoder)]) for tp, buffers in zip(self.task_params, previous)]
+        else:
+            self._thetas = [p for tp in self.task_params for p in tp.encoder]
+            needs_anchor = settings.clamp_bound is not None or settings.inner_steps > 1
+            self._anchor = [torch.empty_like(p) for p in self._thetas] if needs_anchor else []
+            self._anchor_of = []
+            start = 0
+            for tp in self.task_params:
+                self._anchor_of.append(self._anchor[start : start + len(tp.encoder)] if self._anchor else [])
+                start += len(tp.encoder)
         owned = [p for tp in self.task_params for p in tp.own]
         self._owned = owned
         self._not_owned_by = [[p for p in owned if all(p is not q for q in tp.own)] for tp in self.task_params]

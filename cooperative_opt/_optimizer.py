@@ -126,6 +126,12 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         process_group: the group whose ranks average the stepping task's
             gradients; ``None``: the default group when ``torch.distributed``
             is initialized with more than one rank, else no synchronisation.
+        update_order: ``"gauss_seidel"`` (Eq. 4: each task sees the other
+            tasks' current values, so a later task sees an earlier one's
+            update of this outer iteration) or ``"jacobi"`` (Algorithm 1,
+            line 12: every task is updated against the previous iterate of
+            the others, so the order of ``tasks`` does not matter; one more
+            copy of the parameters). See ``docs/method.md``.
         **optimizer_kwargs: passed to the optimizer class (e.g. ``lr=0.1``).
 
     Example:
@@ -157,6 +163,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         task_parameters: Mapping[str, Iterable[tuple[str, nn.Parameter]]] | None = None,
         noise: NoiseMode = "identical",
         process_group: Any = None,
+        update_order: Literal["gauss_seidel", "jacobi"] = "gauss_seidel",
         **optimizer_kwargs: Any,
     ) -> None:
         self.settings = Settings.build(
@@ -164,7 +171,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             noise_scale=noise_scale, samples=samples, inner_steps=inner_steps,
             consistency_weight=consistency_weight, consistency_reference=consistency_reference,
             warmup_steps=warmup_steps, running_stats=running_stats, vectorize=vectorize,
-            nonfinite=nonfinite, sliced_layers=sliced_layers, noise=noise,
+            nonfinite=nonfinite, sliced_layers=sliced_layers, noise=noise, update_order=update_order,
         )
         refuse_wrapped(model)
         group = process_group_of(process_group)
@@ -191,10 +198,12 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         self._generators = {d: torch.Generator(device=d) for d in devices}
         for g in self._generators.values():
             g.manual_seed(self.seed)
-        self._perturber = Perturber(model, self.task_params, self.settings, self._generators)
+        previous = ([[torch.empty_like(p) for p in tp.own] for tp in self.task_params]
+                    if self.settings.update_order == "jacobi" else None)
+        self._perturber = Perturber(model, self.task_params, self.settings, self._generators, previous)
         self._iteration = OuterIteration(
             self.base, self.task_params, self.settings, self._perturber, self._ranks,
-            on_start=per_rank_seeding(self) if self.settings.noise == "per_rank" else None,
+            on_start=per_rank_seeding(self) if self.settings.noise == "per_rank" else None, previous=previous,
         )
         self._perturbing = False
         self.settings.warn_inactive_consistency()

@@ -12,7 +12,10 @@ During task ``i``'s update the other tasks' slices are replaced by
 (constants for autograd), or, without noise (``variant="vanilla"``), by
 detached aliases of themselves, and the other tasks' heads by detached
 aliases, so that a plain ``loss.backward()`` computes gradients of task
-``i``'s own parameters only (as ``autograd.backward(inputs=own)`` would). In warm-up (Eq. 7) every slice
+``i``'s own parameters only (as ``autograd.backward(inputs=own)`` would).
+With ``update_order="jacobi"`` the other tasks are read from copies of their
+previous iterate (taken when the outer iteration starts) instead of their
+current values. In warm-up (Eq. 7) every slice
 is replaced by ``theta + eps`` with its graph to ``theta``, so the gradient is
 taken at the noisy point.
 
@@ -93,11 +96,11 @@ class _Plan:
     stacked: list[Tensor]  # noise views [samples, *shape], for vmap
 
     @staticmethod
-    def build(noise: UniformNoise, tasks: list[int]) -> _Plan:
+    def build(noise: UniformNoise, tasks: list[int], params: list[Tensor] | None = None) -> _Plan:
         return _Plan(
             tasks=tasks,
             names=[n for k in tasks for n in noise.names(k)],
-            params=[p for k in tasks for p in noise.parameters(k)],
+            params=params if params is not None else [p for k in tasks for p in noise.parameters(k)],
             per_sample=[[v for k in tasks for v in noise.noise(k, j)] for j in range(noise.samples)],
             stacked=[v for k in tasks for v in noise.stacked_noise(k)],
         )
@@ -119,6 +122,7 @@ class Perturber:
         task_params: Sequence[TaskParameters],
         settings: Settings,
         generators: dict[torch.device, torch.Generator],
+        previous: Sequence[Sequence[Tensor]] | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -129,17 +133,22 @@ class Perturber:
         tasks = range(len(self.task_params))
         self.noise: UniformNoise | None = None
         self._plans: dict[int, _Plan] = {}
+        # Jacobi order: the other tasks are read at the previous iterate, copies the outer iteration keeps
+        # (slices then heads, as TaskParameters.own); Gauss-Seidel: at their current values
+        self._previous = [list(p) for p in previous] if previous is not None else None
+        sources = self._previous or [list(tp.own) for tp in self.task_params]
         if settings.noise_bound is not None:
-            named = [list(zip(tp.encoder_names, tp.encoder)) for tp in self.task_params]
+            named = [list(zip(tp.encoder_names, src)) for tp, src in zip(self.task_params, sources)]
             self.noise = UniformNoise(named, settings.samples, generators, relative=settings.noise_scale == "relative")
             self._plans = {i: _Plan.build(self.noise, [k for k in tasks if k != i]) for i in tasks}
-            self._plans[WARMUP] = _Plan.build(self.noise, list(tasks))
+            live: list[Tensor] = [p for tp in self.task_params for p in tp.encoder]  # warm-up: every slice, graph kept
+            self._plans[WARMUP] = _Plan.build(self.noise, list(tasks), live)
         self._others = {i: [k for k in tasks if k != i] for i in tasks}
         names = {id(p): n for n, p in model.named_parameters()}
-        self._named: list[list[tuple[str, nn.Parameter]]] = [
-            [*zip(tp.encoder_names, tp.encoder), *((names[id(p)], p) for p in tp.head if id(p) in names)]
-            for tp in self.task_params
-        ]
+        self._named: list[list[tuple[str, nn.Parameter, Tensor]]] = []  # (name, parameter, where others read it)
+        for tp, own_sources in zip(self.task_params, sources):
+            own_names = [*tp.encoder_names, *(names.get(id(h), "") for h in tp.head)]  # "": a head outside the model
+            self._named.append([(n, p, src) for n, p, src in zip(own_names, tp.own, own_sources) if n])
         self._frozen: dict[int, dict[str, Tensor]] = {}
         self._aliases: list[Tensor] = []
         self._sliced = SlicedLayers() if settings.sliced_layers else None
@@ -152,7 +161,8 @@ class Perturber:
     def refresh(self) -> None:
         """Look the model's buffers and slice storages up again (``model.to(...)`` replaces them)."""
         self.stats.refresh()
-        aliases = [{n: p.detach() for n, p in named} for named in self._named]
+        jacobi = self._previous is not None
+        aliases = [{n: src if jacobi else p.detach() for n, p, src in named} for named in self._named]
         self._frozen = {i: {n: t for k in others for n, t in aliases[k].items()} for i, others in self._others.items()}
 
     def new_step(self) -> None:

@@ -91,6 +91,7 @@ class Settings:
     nonfinite: Literal["skip", "raise"]
     sliced_layers: bool
     noise: Literal["identical", "per_rank"] = "identical"
+    update_order: Literal["gauss_seidel", "jacobi"] = "gauss_seidel"
 
     @staticmethod
     def build(
@@ -110,6 +111,7 @@ class Settings:
         nonfinite: object,
         sliced_layers: object,
         noise: object = "identical",
+        update_order: object = "gauss_seidel",
     ) -> Settings:
         """Validate the keyword arguments of ``CooperativeOptimizer``; errors name the argument and the fix."""
         name: Variant = _choice("variant", variant, list(VARIANTS))
@@ -125,6 +127,14 @@ class Settings:
             raise ValueError(
                 f"noise='per_rank' conflicts with variant={name!r}, which has no noise; drop it or choose another variant"
             )
+        order = _choice("update_order", update_order, ["gauss_seidel", "jacobi"])
+        reference = _choice("consistency_reference", consistency_reference, ["mean", "clean"])
+        if order == "jacobi" and reference == "clean" and spec.consistency and consistency_weight != 0:
+            raise ValueError(
+                "update_order='jacobi' with consistency_reference='clean' is not supported: the noise-free "
+                "reference would have to be evaluated at the other tasks' previous iterate; use the paper's "
+                "consistency_reference='mean' (samples > 1) with Jacobi order"
+            )
         if not isinstance(sliced_layers, bool):
             raise TypeError(f"sliced_layers must be True or False, got {sliced_layers!r}")
         return Settings(
@@ -135,13 +145,14 @@ class Settings:
             samples=positive_int("samples", samples, 1),
             inner_steps=positive_int("inner_steps", inner_steps, 1),
             consistency_weight=_consistency_weight(name, consistency_weight, spec.consistency),
-            consistency_reference=_choice("consistency_reference", consistency_reference, ["mean", "clean"]),
+            consistency_reference=reference,
             warmup_steps=positive_int("warmup_steps", warmup_steps, 0),
             running_stats=_choice("running_stats", running_stats, ["once", "every_sample", "frozen", "clean"]),
             vectorize=_choice("vectorize", vectorize, ["auto", True, False]),
             nonfinite=_choice("nonfinite", nonfinite, ["skip", "raise"]),
             sliced_layers=sliced_layers,
             noise=mode,
+            update_order=order,
         )
 
     @property
@@ -169,6 +180,7 @@ class Settings:
         saved = asdict(self)
         for key in ("vectorize", "nonfinite", "sliced_layers"):  # do not change the trajectory's definition
             saved.pop(key)
-        if saved["noise"] == "identical":
-            saved.pop("noise")  # checkpoints from before the option stay loadable
+        for key, default in (("noise", "identical"), ("update_order", "gauss_seidel")):
+            if saved[key] == default:
+                saved.pop(key)  # checkpoints from before the option stay loadable
         return saved

@@ -46,8 +46,10 @@ class ReferenceMTCOOL:
         consistency_weight: float = 0.0,
         reference: str = "mean",
         warmup_steps: int = 0,
+        order: str = "gauss_seidel",
     ) -> None:
         self.model, self.tasks, self.slices = model, list(tasks), slices
+        self.order = order
         self.lr, self.clamp_bound, self.samples = lr, clamp_bound, samples
         self.inner_steps, self.weight, self.reference = inner_steps, consistency_weight, reference
         self.warmup_steps, self.steps = warmup_steps, 0
@@ -94,12 +96,14 @@ class ReferenceMTCOOL:
             others = [(n, p) for t in self.tasks if t is not task for n, p in self.slices[t.name]]
             for _ in range(self.inner_steps):
                 outs = []
+                # Jacobi: the other tasks at the previous iterate (the anchor); Gauss-Seidel: as they are now
+                at = {n: anchor[n] if self.order == "jacobi" else p.detach() for n, p in others}
                 if noise is None:
-                    outs.append(self.model(*task.inputs(batch)))
+                    outs.append(functional_call(self.model, at, task.inputs(batch)))
                 else:
                     eps = noise.pop(0)
                     for j in range(self.samples):
-                        replaced = {n: p.detach() + eps[n][j] for n, p in others}
+                        replaced = {n: at[n] + eps[n][j] for n, _ in others}
                         outs.append(functional_call(self.model, replaced, task.inputs(batch)))
                 loss = sum(task.loss(o, batch) for o in outs) / len(outs)
                 assert isinstance(loss, Tensor)

@@ -33,6 +33,7 @@ CONFIGS: list[dict[str, Any]] = [
     dict(variant="mt_cool", samples=2, consistency_weight=0.5, optimizer=torch.optim.SGD, lr=0.1, momentum=0.9),
     dict(variant="without_reg", inner_steps=2, optimizer=torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
     dict(variant="mt_cool", samples=2, inner_steps=2, warmup_steps=1, optimizer=torch.optim.SGD, lr=0.1),
+    dict(variant="without_reg", update_order="jacobi", optimizer=torch.optim.SGD, lr=0.1, momentum=0.9),
 ]
 
 

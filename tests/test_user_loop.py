@@ -70,6 +70,8 @@ CONFIGS = [
     dict(variant="mt_cool", samples=2, inner_steps=2, noise_scale="relative"),
     dict(variant="mt_cool", samples=2, warmup_steps=2),
     dict(variant="vanilla", warmup_steps=1, inner_steps=2),
+    dict(variant="vanilla", update_order="jacobi"),
+    dict(variant="mt_cool", samples=2, inner_steps=2, update_order="jacobi"),
 ]
 OPTIMIZERS = {
     "sgd-momentum-wd": dict(optimizer=torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.01),
