@@ -141,7 +141,9 @@ class Perturber:
             named = [list(zip(tp.encoder_names, src)) for tp, src in zip(self.task_params, sources)]
             self.noise = UniformNoise(named, settings.samples, generators, relative=settings.noise_scale == "relative")
             self._plans = {i: _Plan.build(self.noise, [k for k in tasks if k != i]) for i in tasks}
-            live: list[Tensor] = [p for tp in self.task_params for p in tp.encoder]  # warm-up: every slice, graph kept
+            # warm-up noises every live slice, with its graph (under Jacobi the noise was built on the copies)
+            live_of = {id(src): p for tp, srcs in zip(self.task_params, sources) for p, src in zip(tp.encoder, srcs)}
+            live: list[Tensor] = [live_of[id(src)] for k in tasks for src in self.noise.parameters(k)]
             self._plans[WARMUP] = _Plan.build(self.noise, list(tasks), live)
         self._others = {i: [k for k in tasks if k != i] for i in tasks}
         names = {id(p): n for n, p in model.named_parameters()}

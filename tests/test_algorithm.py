@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor
+from torch import Tensor, nn
 
 import adapters
 from cooperative_opt import CooperativeOptimizer
@@ -165,3 +165,40 @@ def test_parameters_never_hold_noise() -> None:
     opt.step(batches)
     assert violations == []
     assert all(torch.equal(p.detach(), clean[n]) for n, p in slices["a"])
+
+
+class MixedDtypeNet(nn.Module):
+    """Slices of two dtypes: the noise keeps one buffer per (device, dtype), so its order is not the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleDict(
+            {"first": nn.Linear(5, 6), "middle": nn.Linear(6, 6).double(), "last": nn.Linear(6, 6)})
+        self.heads = nn.ModuleDict({n: nn.Linear(6, 3) for n in NAMES})
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        h = torch.tanh(self.encoder["first"](x))
+        h = torch.tanh(self.encoder["middle"](h.double())).float()
+        return self.heads[task](torch.tanh(self.encoder["last"](h)))
+
+
+@pytest.mark.parametrize("update_order", ["gauss_seidel", "jacobi"])
+def test_warmup_pairs_each_noise_with_its_slice_when_dtypes_differ(noise_log: NoiseLog, update_order: str) -> None:
+    models = []
+    for _ in range(2):
+        torch.manual_seed(2)
+        model = MixedDtypeNet()
+        adapters.split_channels(model.encoder, NAMES)
+        models.append(model)
+    model, ref_model = models
+    tasks = make_tasks(model, NAMES)  # type: ignore[arg-type]
+    opt = CooperativeOptimizer(model, tasks, torch.optim.SGD, lr=0.2, bound=0.05, warmup_steps=2, seed=1,
+                               variant="without_reg", update_order=update_order)  # type: ignore[arg-type]
+    ref = _reference(ref_model, NAMES, lr=0.2, clamp_bound=0.05, warmup_steps=2, order=update_order)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batches = {t: (torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)) for t in NAMES}
+        opt.step(batches)
+        ref.step(batches, noise_log)
+        _close(params_of(model), params_of(ref_model))
+    assert noise_log == []
