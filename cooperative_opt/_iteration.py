@@ -231,14 +231,14 @@ class OuterIteration:
 
     def _deposit(self) -> None:
         """Warm-up: move this task's gradients into the bank (Eq. 7 sums the tasks' losses)."""
-        present = [p for p in self._owned if p.grad is not None]
-        adding = [p for p in present if id(p) in self._bank]
+        grads = {id(p): p.grad for p in self._owned if p.grad is not None}
+        adding = [key for key in grads if key in self._bank]
         if adding:
             with torch.no_grad():
-                torch._foreach_add_([self._bank[id(p)] for p in adding], [p.grad for p in adding if p.grad is not None])
-        for p in present:
-            if p.grad is not None:
-                self._bank.setdefault(id(p), p.grad)  # the first task's gradient tensor becomes the bank
+                torch._foreach_add_([self._bank[key] for key in adding], [grads[key] for key in adding])
+        for key, grad in grads.items():
+            self._bank.setdefault(key, grad)  # the first task's gradient tensor becomes the bank
+        for p in self._owned:
             p.grad = None
 
     def _apply_bank(self) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from cooperative_opt._slices import task_slices
 from cooperative_opt._task import Task
 
-__all__ = ["TaskParameters", "resolve_ownership"]
+__all__ = ["TaskParameters", "own_names", "resolve_ownership"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,13 @@ class TaskParameters:
     def own(self) -> tuple[nn.Parameter, ...]:
         """theta_i followed by phi_i: everything this task's step updates."""
         return self.encoder + self.head
+
+
+def own_names(model: nn.Module, task_params: TaskParameters) -> list[str | None]:
+    """The names relative to ``model`` of ``task_params.own`` (slices, then head), ``None`` for a head
+    parameter that lives outside ``model`` (it cannot be swapped in a forward of ``model``)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [*task_params.encoder_names, *(names.get(id(p)) for p in task_params.head)]
 
 
 def _validate_tasks(tasks: Sequence[Task]) -> list[Task]:

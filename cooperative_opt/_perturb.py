@@ -40,7 +40,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from cooperative_opt._noise import UniformNoise
-from cooperative_opt._ownership import TaskParameters
+from cooperative_opt._ownership import TaskParameters, own_names
 from cooperative_opt._running_stats import RunningStats
 from cooperative_opt._settings import Settings
 from cooperative_opt._sliced import SlicedLayers
@@ -114,6 +114,9 @@ class Perturber:
         task_params: each task's parameters, in task order.
         settings: the optimizer's settings (noise bound and scale, M, policies).
         generators: one noise generator per device the slices live on.
+        previous: under ``update_order="jacobi"``, per task one buffer per owned
+            parameter (as ``TaskParameters.own``) holding its previous iterate,
+            which the other tasks read; ``None`` reads their current values.
     """
 
     def __init__(
@@ -146,13 +149,11 @@ class Perturber:
             live: list[Tensor] = [live_of[id(src)] for k in tasks for src in self.noise.parameters(k)]
             self._plans[WARMUP] = _Plan.build(self.noise, list(tasks), live)
         self._others = {i: [k for k in tasks if k != i] for i in tasks}
-        names = {id(p): n for n, p in model.named_parameters()}
-        self._named: list[list[tuple[str, nn.Parameter, Tensor]]] = []  # (name, parameter, where others read it)
-        for tp, own_sources in zip(self.task_params, sources):
-            own_names = [*tp.encoder_names, *(names.get(id(h), "") for h in tp.head)]  # "": a head outside the model
-            self._named.append([(n, p, src) for n, p, src in zip(own_names, tp.own, own_sources) if n])
+        self._named: list[list[tuple[str, nn.Parameter, Tensor]]] = [  # (name, parameter, where others read it)
+            [(n, p, src) for n, p, src in zip(own_names(model, tp), tp.own, own_sources) if n is not None]
+            for tp, own_sources in zip(self.task_params, sources)
+        ]
         self._frozen: dict[int, dict[str, Tensor]] = {}
-        self._aliases: list[Tensor] = []
         self._sliced = SlicedLayers() if settings.sliced_layers else None
         self._entry = 0  # entries since the last fresh draw
         self._drawn = False

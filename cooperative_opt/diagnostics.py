@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.nn.utils.stateless import _reparametrize_module
 
 from cooperative_opt._noise import UniformNoise
+from cooperative_opt._ownership import own_names
 
 if TYPE_CHECKING:
     from cooperative_opt._optimizer import CooperativeOptimizer
@@ -44,10 +45,8 @@ class Snapshot:
 
 
 def _named(opt: CooperativeOptimizer) -> dict[str, list[tuple[str, Tensor]]]:
-    names = {id(p): n for n, p in opt.model.named_parameters()}
     return {
-        tp.name: [*zip(tp.encoder_names, tp.encoder), *((names[id(p)], p) for p in tp.head if id(p) in names)]
-        for tp in opt.task_params
+        tp.name: [(n, p) for n, p in zip(own_names(opt.model, tp), tp.own) if n is not None] for tp in opt.task_params
     }
 
 
