@@ -1,9 +1,11 @@
-"""Image data shared by the segmentation benchmarks: one image, one target per task.
+"""Image data shared by the image benchmarks: one image (or volume), one target per task.
 
-:class:`ImageTasks` holds a train and a test split of images ``[N, 3, H, W]``
-(float in ``[0, 1]``) and, per task, targets indexed like the images (masks
-``[N, H, W]`` int64, or labels ``[N]`` int64). The file helpers read the real
-datasets' images and masks with Pillow, nothing is downloaded.
+:class:`ImageTasks` holds a train and a test split of inputs ``[N, C, H, W]``
+(2D images) or ``[N, C, D, H, W]`` (3D volumes), float32, and, per task,
+targets indexed like the inputs: int64 masks ``[N, *spatial]`` or labels
+``[N]``, or float32 maps ``[N, *spatial]`` / values ``[N]`` for regression
+tasks. The file helpers read the real datasets' images and masks with
+Pillow, nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".pp
 
 @dataclass(frozen=True)
 class ImageTasks:
-    """Images shared by every task and one target tensor per task, for a train and a test split.
+    """Inputs shared by every task and one target tensor per task, for a train and a test split.
 
     Attributes:
-        train_x: ``[N, 3, H, W]`` float32 images in ``[0, 1]``.
-        train_y: ``{task: targets}`` with ``targets.shape[0] == N`` (int64).
-        test_x: ``[M, 3, H, W]`` float32 images in ``[0, 1]``.
-        test_y: ``{task: targets}`` with ``targets.shape[0] == M`` (int64).
-        source: ``"synthetic"`` or the folder the images came from.
+        train_x: ``[N, C, H, W]`` (2D) or ``[N, C, D, H, W]`` (3D) float32 inputs.
+        train_y: ``{task: targets}`` with ``targets.shape[0] == N``: int64 (masks,
+            labels) or float32 (regression maps or values).
+        test_x: ``[M, C, ...]`` inputs with the train split's channels and spatial rank.
+        test_y: ``{task: targets}`` with ``targets.shape[0] == M``.
+        source: ``"synthetic"`` or the folder the inputs came from.
     """
 
     train_x: Tensor
@@ -44,14 +47,33 @@ class ImageTasks:
 
     def __post_init__(self) -> None:
         for split, x, targets in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
-            if x.ndim != 4 or x.shape[1] != 3:
-                raise ValueError(f"{split}_x must be [N, 3, H, W] images, got shape {tuple(x.shape)}")
+            if x.ndim not in (4, 5) or x.shape[1] < 1:
+                raise ValueError(
+                    f"{split}_x must be [N, C, H, W] images or [N, C, D, H, W] volumes, got shape {tuple(x.shape)}"
+                )
+            if not x.is_floating_point():
+                raise ValueError(f"{split}_x must be a float tensor, got {x.dtype}; convert with .float()")
             for task, y in targets.items():
                 if y.shape[0] != x.shape[0]:
                     raise ValueError(
                         f"{split}_y[{task!r}] has {y.shape[0]} entries for {x.shape[0]} images; "
                         "every task needs one target per image"
                     )
+                if y.dtype not in (torch.int64, torch.float32):
+                    raise ValueError(
+                        f"{split}_y[{task!r}] has dtype {y.dtype}; use int64 for labels and masks, "
+                        "float32 for regression targets"
+                    )
+        if self.train_x.shape[1:2] != self.test_x.shape[1:2] or self.train_x.ndim != self.test_x.ndim:
+            raise ValueError(
+                f"train_x {tuple(self.train_x.shape)} and test_x {tuple(self.test_x.shape)} must have the same "
+                "channels and spatial rank"
+            )
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return self.train_x.ndim - 2
 
     def to(self, device: str) -> ImageTasks:
         """A copy with every tensor on ``device``."""
