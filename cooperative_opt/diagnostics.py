@@ -11,6 +11,15 @@ Two quantities of the paper, evaluated with the tasks' own ``inputs`` and
   perturbation on the other tasks' encoder slices (a flat minimum with
   respect to them is what the noise in MT-COOL searches for).
 
+And one measure of the optimizer itself, for choosing the bound b:
+
+- :func:`movement`: how far each task's encoder slices moved since a
+  :func:`snapshot` (largest element change and root-mean-square change). The
+  paper's b bounds both the noise on the other tasks and the clamp on a
+  task's own move per outer iteration; matching b to the measured movement
+  (docs/method.md, "Choosing the bound") keeps the noise on the scale of the
+  moves it stands for and makes the clamp bind.
+
 Example:
     >>> before = diagnostics.snapshot(opt)  # doctest: +SKIP
     >>> opt.step(batches)  # doctest: +SKIP
@@ -34,7 +43,7 @@ from cooperative_opt._ownership import own_names
 if TYPE_CHECKING:
     from cooperative_opt._optimizer import CooperativeOptimizer
 
-__all__ = ["Snapshot", "flatness", "negative_transfer", "snapshot"]
+__all__ = ["Movement", "Snapshot", "flatness", "movement", "negative_transfer", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,57 @@ def _named(opt: CooperativeOptimizer) -> dict[str, list[tuple[str, Tensor]]]:
     return {
         tp.name: [(n, p) for n, p in zip(own_names(opt.model, tp), tp.own) if n is not None] for tp in opt.task_params
     }
+
+
+@dataclass(frozen=True)
+class Movement:
+    """How far one task's encoder slices moved between a snapshot and now.
+
+    Attributes:
+        max: the largest absolute change of any slice element (what the clamp's bound limits).
+        rms: the root-mean-square change over all slice elements (the scale of a typical move).
+        elements: number of slice elements measured.
+    """
+
+    max: float
+    rms: float
+    elements: int
+
+
+def movement(opt: CooperativeOptimizer, before: Snapshot) -> dict[str, Movement]:
+    """Each task's encoder-slice movement since ``before`` (a :func:`snapshot`), by task name.
+
+    One ``torch._foreach_sub`` / ``_foreach_norm`` pass per task; heads are not
+    measured (the bound applies to the slices only).
+
+    Example:
+        >>> before = diagnostics.snapshot(opt)  # doctest: +SKIP
+        >>> opt.step(batches)  # doctest: +SKIP
+        >>> diagnostics.movement(opt, before)["a"].max  # doctest: +SKIP
+        0.0031
+    """
+    if sorted(before.values) != sorted(t.name for t in opt.tasks):
+        raise ValueError(f"before is a snapshot of tasks {sorted(before.values)}, not of this optimizer's tasks")
+    result: dict[str, Movement] = {}
+    for tp in opt.task_params:
+        saved = before.values[tp.name]
+        missing = [n for n in tp.encoder_names if n not in saved]
+        if missing:
+            raise ValueError(f"before holds no value for {missing[:3]}; take it with diagnostics.snapshot(opt)")
+        current = [p.detach() for p in tp.encoder]
+        if not current:
+            result[tp.name] = Movement(0.0, 0.0, 0)
+            continue
+        # empty slices (fewer channels than tasks) have no infinity norm
+        deltas = [d for d in torch._foreach_sub(current, [saved[n] for n in tp.encoder_names]) if d.numel()]
+        elements = sum(d.numel() for d in deltas)
+        if not deltas:
+            result[tp.name] = Movement(0.0, 0.0, 0)
+            continue
+        largest = torch.stack(torch._foreach_norm(deltas, float("inf"))).amax()
+        squares = torch.stack(torch._foreach_norm(deltas)).square().sum()
+        result[tp.name] = Movement(float(largest), float(squares.div(elements).sqrt()), elements)
+    return result
 
 
 def snapshot(opt: CooperativeOptimizer) -> Snapshot:

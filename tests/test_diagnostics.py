@@ -112,3 +112,25 @@ def test_diagnostics_leave_parameters_and_statistics_alone_and_refuse_bad_input(
         diagnostics.flatness(opt, "a", batches["a"], radii=[-1.0])
     with pytest.raises(ValueError, match="task='z' is not a task"):
         diagnostics.flatness(opt, "z", batches["a"], radii=[0.1])
+
+
+def test_movement_matches_a_naive_measure_and_the_clamp_bounds_it() -> None:
+    model = make_model(NAMES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = CooperativeOptimizer(model, make_tasks(model, NAMES), torch.optim.SGD, lr=1.0, bound=1e-3)
+    batches = make_batches(NAMES)
+    before = diagnostics.snapshot(opt)
+    opt.step(batches)
+    moved = diagnostics.movement(opt, before)
+    for tp in opt.task_params:
+        deltas = torch.cat([(p.detach() - before.values[tp.name][n]).flatten()
+                            for n, p in zip(tp.encoder_names, tp.encoder)])
+        assert moved[tp.name].elements == deltas.numel()
+        assert moved[tp.name].max == pytest.approx(float(deltas.abs().max()))
+        assert moved[tp.name].rms == pytest.approx(float(deltas.square().mean().sqrt()))
+        assert 0 < moved[tp.name].max <= 1e-3 + 1e-7  # lr 1.0 would move further: the clamp binds
+    unmoved = diagnostics.movement(opt, diagnostics.snapshot(opt))
+    assert all(m.max == 0.0 and m.rms == 0.0 for m in unmoved.values())
+    with pytest.raises(ValueError, match="snapshot of tasks"):
+        diagnostics.movement(opt, diagnostics.Snapshot({"a": {}}))
