@@ -238,10 +238,11 @@ def export(model: MultiTaskModel, task: str) -> nn.Module:
 
 
 def make_tasks(
-    model: MultiTaskModel,
+    model: nn.Module,
     losses: Mapping[str, Callable[[Any, Any], Tensor]],
     *,
     consistency: ConsistencySpec | Mapping[str, ConsistencySpec] = "auto",
+    heads: Mapping[str, nn.Module] | None = None,
 ) -> list[Task]:
     """The ``cooperative_opt.Task`` list for ``model``, one per task, in the model's order.
 
@@ -249,9 +250,13 @@ def make_tasks(
     loss is ``losses[t](output, y)``; its head is ``model.heads[t]``.
 
     Args:
-        model: a :class:`MultiTaskModel`.
+        model: a :class:`MultiTaskModel`, or any module called as ``model(x, task)``
+            when ``heads`` is given.
         losses: ``{task: loss(output, target) -> scalar}`` for every task.
         consistency: one consistency spec for all tasks, or one per task.
+        heads: ``{task: private module}`` in task order, for a model that is not a
+            :class:`MultiTaskModel` (e.g. the networks of :mod:`architectures`);
+            ``None`` reads ``model.heads``.
 
     Example:
         >>> import torch.nn.functional as F
@@ -261,12 +266,25 @@ def make_tasks(
     """
     from cooperative_opt import Task
 
-    if not isinstance(model, MultiTaskModel):
-        raise TypeError(f"model must be an adapters.MultiTaskModel, got {type(model).__name__}")
-    names = list(model.task_names)
+    if heads is None:
+        if not isinstance(model, MultiTaskModel):
+            raise TypeError(
+                f"model must be an adapters.MultiTaskModel, got {type(model).__name__}; for another model pass "
+                "heads={task: module}"
+            )
+        heads = dict(model.heads.items())
+    elif not isinstance(model, nn.Module) or not isinstance(heads, Mapping) or not heads:
+        raise TypeError(
+            f"with heads=, model must be an nn.Module and heads a non-empty mapping {{task: module}}, got "
+            f"{type(model).__name__} and {type(heads).__name__}"
+        )
+    names = list(heads)
     if not isinstance(losses, Mapping) or sorted(losses) != sorted(names):
         given = sorted(losses) if isinstance(losses, Mapping) else type(losses).__name__
         raise ValueError(f"losses must give one loss per task {names}, got {given}")
+    not_callable = [n for n in names if not callable(losses[n])]
+    if not_callable:
+        raise TypeError(f"losses of tasks {not_callable} are not callable as loss(output, target)")
     per_task: dict[str, ConsistencySpec]
     if isinstance(consistency, Mapping):
         missing = [n for n in names if n not in consistency]
@@ -283,7 +301,7 @@ def make_tasks(
         return lambda batch: (batch[0], name)
 
     return [
-        Task(name, loss=loss_of(losses[name]), head=model.heads[name], inputs=inputs_of(name),
+        Task(name, loss=loss_of(losses[name]), head=heads[name], inputs=inputs_of(name),
              consistency=per_task[name])
         for name in names
     ]

@@ -122,6 +122,20 @@ def test_make_tasks_plugs_into_the_optimizer() -> None:
         adapters.make_tasks(net, {"a": F.cross_entropy})
     with pytest.raises(ValueError, match=r"consistency has no entry for tasks \['b'\]"):
         adapters.make_tasks(net, {"a": F.cross_entropy, "b": F.cross_entropy}, consistency={"a": None})
+    with pytest.raises(TypeError, match=r"losses of tasks \['b'\] are not callable"):
+        adapters.make_tasks(net, {"a": F.cross_entropy, "b": 3})  # type: ignore[dict-item]
+
+
+def test_make_tasks_takes_the_heads_of_any_model() -> None:
+    net = adapters.multitask(_encoder(), _heads(["a", "b"]))
+    plain = nn.Module()
+    tasks = adapters.make_tasks(plain, {"b": F.cross_entropy, "a": F.cross_entropy},
+                                heads={"b": net.heads["b"], "a": net.heads["a"]})
+    assert [t.name for t in tasks] == ["b", "a"] and tasks[0].head is net.heads["b"]
+    with pytest.raises(TypeError, match="for another model pass heads="):
+        adapters.make_tasks(plain, {"a": F.cross_entropy})
+    with pytest.raises(TypeError, match="non-empty mapping"):
+        adapters.make_tasks(plain, {}, heads={})
 
 
 def test_validation_errors_leave_the_encoder_unsplit() -> None:
