@@ -5,12 +5,17 @@ and ``loss`` callables: ``for name in opt.iteration(names)``, M forwards
 under ``opt.perturb(name)`` (or one ``vmap`` call over the same draw), the
 loss plus the consistency term, one backward, ``opt.step()``. There is no
 second implementation of noise, stepping or clamping behind it.
+
+``batches`` is either one mapping ``{task: batch}``, which every inner step
+of a task reuses, or a sequence of ``inner_steps`` such mappings, the l-th
+feeding inner step l of every task (a fresh batch per inner step; warm-up
+steps, which take one step per task, use the first).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,16 +51,45 @@ def _loss(task: Task, output: Any, batch: Any) -> Tensor:
     return loss
 
 
-def _validated(opt: CooperativeOptimizer, batches: object) -> Mapping[str, Any]:
-    if not isinstance(batches, Mapping):
-        raise TypeError(f"batches must be a mapping {{task name: batch}}, got {type(batches).__name__}")
+def _names(opt: CooperativeOptimizer, argument: str, batches: Mapping[str, Any]) -> None:
     known = [t.name for t in opt.tasks]
     unknown = [k for k in batches if k not in known]
     if unknown:
-        raise ValueError(f"batches names unknown tasks {unknown}; the tasks are {known}")
+        raise ValueError(f"{argument} names unknown tasks {unknown}; the tasks are {known}")
     if not batches:
-        raise ValueError(f"batches is empty; pass a batch for at least one of the tasks {known}")
-    return batches
+        raise ValueError(f"{argument} is empty; pass a batch for at least one of the tasks {known}")
+
+
+def _validated(opt: CooperativeOptimizer, batches: object) -> list[Mapping[str, Any]]:
+    """``batches`` as one ``{task: batch}`` mapping per inner step (the one mapping ``inner_steps`` times)."""
+    inner_steps = opt.settings.inner_steps
+    if isinstance(batches, Mapping):
+        _names(opt, "batches", batches)
+        return [batches] * inner_steps
+    if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
+        raise TypeError(
+            f"batches must be a mapping {{task name: batch}} or a sequence of inner_steps={inner_steps} such "
+            f"mappings (one per inner step), got {type(batches).__name__}"
+        )
+    for i, mapping in enumerate(batches):
+        if not isinstance(mapping, Mapping):
+            raise TypeError(
+                f"batches[{i}] must be a mapping {{task name: batch}}, got {type(mapping).__name__}; pass one "
+                f"mapping, or a sequence of inner_steps={inner_steps} mappings (one per inner step)"
+            )
+    if len(batches) != inner_steps:
+        raise ValueError(
+            f"batches has {len(batches)} mappings but inner_steps={inner_steps}: pass exactly one per inner step, "
+            "or one mapping (not in a sequence) that every inner step reuses"
+        )
+    _names(opt, "batches[0]", batches[0])
+    for i, mapping in enumerate(batches[1:], start=1):
+        if set(mapping) != set(batches[0]):
+            raise ValueError(
+                f"batches[{i}] has the tasks {sorted(mapping)} but batches[0] has {sorted(batches[0])}; every "
+                "inner step's mapping must name the same tasks"
+            )
+    return list(batches)
 
 
 def _outputs(opt: CooperativeOptimizer, name: str, inputs: tuple[Any, ...]) -> list[Any]:
@@ -99,15 +133,17 @@ def _precision(
 
 def run_batches(opt: CooperativeOptimizer, batches: object, scaler: object = None, autocast: object = None) -> StepReport:
     """One outer iteration (or warm-up step) over the tasks present in ``batches``."""
-    batches = _validated(opt, batches)
+    per_step = _validated(opt, batches)
     grad_scaler, precision = _precision(opt, scaler, autocast)
     settings = opt.settings
-    iteration = opt.iteration([t.name for t in opt.tasks if t.name in batches])
+    iteration = opt.iteration([t.name for t in opt.tasks if t.name in per_step[0]])
+    taken = dict.fromkeys(per_step[0], 0)  # inner steps each task has begun (iteration() yields a name L times)
     with torch.enable_grad():
         try:
             for name in iteration:
                 task = opt.task(name)
-                batch = batches[name]
+                batch = per_step[taken[name]][name]
+                taken[name] += 1
                 inputs = _inputs(task, batch)
                 cooperative = opt.phase == "cooperative"
                 with precision:

@@ -17,6 +17,8 @@ scaling were, this is the one place where parameters move.
 - If the loop is left early (an exception in user code, ``break``), the
   interrupted task is put back as it was before its turn: statistics, and
   with ``inner_steps > 1`` its slices (from the anchor) and head.
+- The clamp also tallies which elements it changed (``StepReport.clamped``)
+  with a few more ``_foreach`` ops and no host sync until the report is made.
 """
 
 from __future__ import annotations
@@ -49,12 +51,17 @@ class Record:
     losses: dict[str, list[float]] = field(default_factory=dict)
     consistency: dict[str, list[float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    clamped: dict[str, Tensor] = field(default_factory=dict)  # elements the clamp changed (a 0-dim count)
 
-    def report(self, step: int) -> StepReport:
+    def report(self, step: int, elements: dict[str, int]) -> StepReport:
+        """The frozen report; ``elements`` is every task's number of encoder-slice elements."""
+
         def mean(values: dict[str, list[float]]) -> dict[str, float]:
             return {k: sum(v) / len(v) for k, v in values.items() if v}
 
-        return StepReport(step, self.phase, mean(self.losses), mean(self.consistency), dict(self.skipped))
+        clamped = {name: float(self.clamped[name]) / n if name in self.clamped and n else 0.0
+                   for name, n in elements.items()}
+        return StepReport(step, self.phase, mean(self.losses), mean(self.consistency), dict(self.skipped), clamped)
 
 
 class OuterIteration:
@@ -101,6 +108,13 @@ class OuterIteration:
         self._owned = owned
         self._not_owned_by = [[p for p in owned if all(p is not q for q in tp.own)] for tp in self.task_params]
         self._bank: dict[int, Tensor] = {}
+        self._elements = {tp.name: sum(p.numel() for p in tp.encoder) for tp in self.task_params}
+        # the clamp counts are summed in float32 (exact up to 2**24 elements), in float64 for a task with a float64
+        # slice (a norm may not narrow its input's dtype)
+        self._count_dtype = [torch.float64 if any(p.dtype == torch.float64 for p in tp.encoder) else torch.float32
+                             for tp in self.task_params]
+        # per element of the active task's slices, > 0 where the clamp changed it in some inner step of its turn
+        self._excess: list[Tensor] = []
 
     @property
     def phase(self) -> Phase:
@@ -173,6 +187,7 @@ class OuterIteration:
                         self.perturber.stats.restore()
                         record.skipped[tp.name] = self._skip_reason
                         break
+                self._tally_clamped(record, index)
                 self.active = None
             if not cooperative:
                 self._apply_bank()
@@ -184,11 +199,12 @@ class OuterIteration:
             if self.ranks is not None:
                 self.ranks.activate(())
             self._bank.clear()
+            self._excess = []
             self.base.zero_grad(set_to_none=True)
             self.record = None
             if finished:
                 self.steps += 1
-                self.last_report = record.report(self.steps)
+                self.last_report = record.report(self.steps, self._elements)
 
     def _begin(self, index: int) -> None:
         self.active = index
@@ -226,8 +242,29 @@ class OuterIteration:
             return
         anchor = self._anchor_of[index]
         with torch.no_grad():
+            before = list(torch._foreach_clone(theta))
             torch._foreach_maximum_(theta, list(torch._foreach_sub(anchor, bound)))
             torch._foreach_minimum_(theta, list(torch._foreach_add(anchor, bound)))
+            # before - after is nonzero exactly where the clamp changed an element (the difference of two
+            # distinct floats is never 0); over several inner steps, the elementwise max of its magnitude
+            torch._foreach_sub_(before, theta)
+            if self.settings.inner_steps > 1:
+                torch._foreach_abs_(before)
+            if self._excess:
+                torch._foreach_maximum_(self._excess, before)
+            else:
+                self._excess = before
+
+    def _tally_clamped(self, record: Record, index: int) -> None:
+        """Record how many of task ``index``'s slice elements its turn clamped (a device tensor: no sync)."""
+        if not self._excess:
+            return
+        with torch.no_grad():
+            torch._foreach_sign_(self._excess)  # +-1 where clamped, else 0: the fused 1-norm counts them
+            counts = torch._foreach_norm(self._excess, 1, dtype=self._count_dtype[index])
+        device = counts[0].device
+        record.clamped[self.task_params[index].name] = torch.stack([c.to(device) for c in counts]).sum()
+        self._excess = []
 
     def _deposit(self) -> None:
         """Warm-up: move this task's gradients into the bank (Eq. 7 sums the tasks' losses)."""

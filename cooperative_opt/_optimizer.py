@@ -62,9 +62,9 @@ class CooperativeOptimizer(torch.optim.Optimizer):
               opt.step()                        # base step on `name`'s parameters, then the clamp
               opt.zero_grad()
 
-    - ``opt.step(batches)`` with ``{task name: batch}`` and the tasks' own
-      ``loss`` / ``inputs``: one outer iteration, returning a
-      :class:`StepReport`.
+    - ``opt.step(batches)`` with ``{task name: batch}`` (or one such mapping
+      per inner step) and the tasks' own ``loss`` / ``inputs``: one outer
+      iteration, returning a :class:`StepReport`.
 
     Args:
         model: the whole multi-task model; ``model(*task.inputs(batch))`` is
@@ -91,7 +91,9 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         samples: M, noise draws per inner step (paper: 1); ``step(batches)``
             evaluates M perturbed forwards, a user loop enters ``perturb`` M times.
         inner_steps: L, base-optimizer steps per task per outer iteration
-            (``iteration()`` yields each name L times in a row).
+            (``iteration()`` yields each name L times in a row, so your loop
+            picks each inner step's batch; ``step(batches)`` reuses one
+            mapping for all L, or takes a list of L mappings, one per inner step).
         consistency_weight: lambda; defaults to 1.0 for ``"mt_cool"``, 0 otherwise.
         consistency_reference: ``"mean"`` (the paper's formula, the mean of the
             M predictions: identically zero at M = 1) or ``"clean"`` (the
@@ -358,6 +360,11 @@ class CooperativeOptimizer(torch.optim.Optimizer):
           every learning rate is 0 (as in that initialisation).
         - ``step(batches)`` with ``{task name: batch}``: one outer iteration
           with the tasks' own ``inputs`` and ``loss``; returns a :class:`StepReport`.
+          All ``inner_steps`` inner steps of a task reuse its one batch; for
+          a fresh batch per inner step pass a list of exactly ``inner_steps``
+          mappings naming the same tasks: inner step l of every task uses
+          ``batches[l]`` (a warm-up step, one step per task, uses
+          ``batches[0]``, so one call works in both phases).
           ``autocast=torch.bfloat16`` (or ``torch.float16``) runs the forwards
           and losses under ``torch.autocast`` on the slices' device;
           ``scaler=torch.amp.GradScaler(...)`` scales each task's loss and
@@ -365,7 +372,7 @@ class CooperativeOptimizer(torch.optim.Optimizer):
           task step, so a task whose gradients overflow is skipped
           (``"non-finite gradient"``) while the others step.
         """
-        if isinstance(closure, Mapping) or isinstance(closure, (list, tuple)):
+        if isinstance(closure, (Mapping, Sequence)) and not isinstance(closure, (str, bytes)):
             return run_batches(self, closure, scaler=scaler, autocast=autocast)
         if scaler is not None or autocast is not None:
             raise TypeError(
@@ -460,7 +467,8 @@ class CooperativeOptimizer(torch.optim.Optimizer):
     @property
     def last_report(self) -> StepReport | None:
         """The :class:`StepReport` of the last completed outer iteration (``losses`` holds what the
-        optimizer computed: ``step(batches)`` and closures; a plain user loop reports skips only)."""
+        optimizer computed: ``step(batches)`` and closures; a plain user loop reports ``skipped`` and
+        ``clamped`` only)."""
         return self._iteration.last_report
 
     def __repr__(self) -> str:

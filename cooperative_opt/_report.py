@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = ["Phase", "StepReport"]
@@ -25,6 +25,15 @@ class StepReport:
             ``"non-finite loss"``, ``"non-finite gradient"`` (a GradScaler
             skipped the step in ``step(batches, scaler=...)``) or ``"not stepped"``
             (an inner step of a user loop ended without ``step()``).
+        clamped: every task's fraction (0 to 1) of its encoder-slice elements
+            that the clamp changed in this outer iteration, i.e. that an inner
+            step moved outside ``anchor -/+ clamp_bound`` and the clamp put
+            back, counted once however many of the task's inner steps did so.
+            It says whether the clamp binds: 0.0 means the clamp did nothing.
+            It is 0.0 wherever no clamp ran: in warm-up, without a clamp
+            (``variant="vanilla"``), for a task with no batch or skipped at
+            its first inner step (``skipped`` tells these apart). Every
+            driver reports it (``step(batches)``, closures, your own loop).
     """
 
     step: int
@@ -32,6 +41,7 @@ class StepReport:
     losses: Mapping[str, float]
     consistency: Mapping[str, float]
     skipped: Mapping[str, str]
+    clamped: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def total_loss(self) -> float:

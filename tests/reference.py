@@ -53,6 +53,8 @@ class ReferenceMTCOOL:
         self.lr, self.clamp_bound, self.samples = lr, clamp_bound, samples
         self.inner_steps, self.weight, self.reference = inner_steps, consistency_weight, reference
         self.warmup_steps, self.steps = warmup_steps, 0
+        # per task, the fraction of its slice elements the clamp changed in the last step (StepReport.clamped)
+        self.clamped: dict[str, float] = {}
 
     def _sgd(self, params: Sequence[Tensor], loss: Tensor) -> None:
         grads = torch.autograd.grad(loss, list(params), allow_unused=True)
@@ -61,11 +63,14 @@ class ReferenceMTCOOL:
                 if g is not None:
                     p.add_(g, alpha=-self.lr)
 
-    def step(self, batches: Mapping[str, Any], noise: NoiseLog | None) -> None:
+    def step(self, batches: Mapping[str, Any] | Sequence[Mapping[str, Any]], noise: NoiseLog | None) -> None:
+        """``batches``: one mapping for every inner step, or one mapping per inner step (warm-up: the first)."""
+        per_step = [batches] * self.inner_steps if isinstance(batches, Mapping) else list(batches)
+        self.clamped = {t.name: 0.0 for t in self.tasks}
         if self.steps < self.warmup_steps:
-            self._warmup(batches, noise)
+            self._warmup(per_step[0], noise)
         else:
-            self._outer(batches, noise)
+            self._outer(per_step, noise)
         self.steps += 1
 
     def _warmup(self, batches: Mapping[str, Any], noise: NoiseLog | None) -> None:
@@ -86,15 +91,16 @@ class ReferenceMTCOOL:
             trainable += list(task.head_parameters())
         self._sgd(trainable, total)
 
-    def _outer(self, batches: Mapping[str, Any], noise: NoiseLog | None) -> None:
+    def _outer(self, per_step: Sequence[Mapping[str, Any]], noise: NoiseLog | None) -> None:
         anchor = {n: p.detach().clone() for t in self.tasks for n, p in self.slices[t.name]}
         for task in self.tasks:
-            if task.name not in batches:
+            if task.name not in per_step[0]:
                 continue
-            batch = batches[task.name]
             own = [p for _, p in self.slices[task.name]] + list(task.head_parameters())
             others = [(n, p) for t in self.tasks if t is not task for n, p in self.slices[t.name]]
-            for _ in range(self.inner_steps):
+            changed = {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in self.slices[task.name]}
+            for inner in range(self.inner_steps):
+                batch = per_step[inner][task.name]
                 outs = []
                 # Jacobi: the other tasks at the previous iterate (the anchor); Gauss-Seidel: as they are now
                 at = {n: anchor[n] if self.order == "jacobi" else p.detach() for n, p in others}
@@ -118,4 +124,7 @@ class ReferenceMTCOOL:
                     with torch.no_grad():
                         for n, p in self.slices[task.name]:
                             lo, hi = anchor[n] - self.clamp_bound, anchor[n] + self.clamp_bound
+                            changed[n] |= (p < lo) | (p > hi)
                             p.copy_(torch.minimum(torch.maximum(p, lo), hi))
+            elements = sum(m.numel() for m in changed.values())
+            self.clamped[task.name] = sum(int(m.sum()) for m in changed.values()) / elements if elements else 0.0
