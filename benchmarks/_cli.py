@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from benchmarks._methods import DISTRIBUTED_METHODS, METHODS, check_distributed_methods
+from benchmarks._learners import DISTRIBUTED_METHODS, METHODS, check_distributed_methods, check_offered, offered_methods
 
 __all__ = ["NON_NEGATIVE", "NON_NEGATIVE_INT", "POSITIVE", "POSITIVE_INT", "TORCHRUN_VARIABLES", "Launch",
            "add_distributed_flag", "config_record", "distributed_launch", "finite", "method_list", "number", "resolve_device",
@@ -55,17 +55,21 @@ def method_list(text: str) -> tuple[str, ...]:
     return tuple(method for method in METHODS if method in names)
 
 
-def resolve_methods(given: tuple[str, ...] | None, distributed: bool) -> tuple[str, ...]:
-    """``--methods`` (parsed by :func:`method_list`), or its default when ``None``: every method, or with
-    ``--distributed`` those that train on several ranks.
+def resolve_methods(given: tuple[str, ...] | None, distributed: bool, networks: Iterable[str] = ()) -> tuple[str, ...]:
+    """``--methods`` (parsed by :func:`method_list`), or its default when ``None``: every method a problem with
+    these ``Problem.networks`` names offers (:func:`benchmarks._learners.offered_methods`), or with
+    ``--distributed`` those of them that train on several ranks.
 
     Raises:
-        ValueError: with ``--distributed``, for a method that cannot train on several ranks.
+        ValueError: for a method the networks do not offer (naming those they do), or with ``--distributed``
+            for one that cannot train on several ranks.
     """
+    offered = offered_methods(networks)
     if given is None:
-        return DISTRIBUTED_METHODS if distributed else METHODS
+        return tuple(m for m in offered if m in DISTRIBUTED_METHODS) if distributed else offered
+    check_offered(given, networks)
     if distributed:
-        check_distributed_methods(given)
+        check_distributed_methods(given, offered)
     return given
 
 

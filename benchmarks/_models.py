@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["LeNetMultiTask", "LeNetSingle", "count_parameters", "lenet_encoder"]
+__all__ = ["LeNetMultiTask", "LeNetSingle", "lenet_encoder"]
 
 
 def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -227,9 +227,4 @@ class LeNetSingle(nn.Module):
         _check_input(x, self.in_channels, self.input_size)
         logits: Tensor = self.head(self.encoder(x))
         return logits
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable scalar parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 

@@ -3,7 +3,7 @@
 Run ``python -m benchmarks.distributed``. The model pair is the one of
 :mod:`benchmarks.step_time`'s method table: timm's resnet18 (no pretrained
 weights) with one 5-class linear head per task, two tasks, both learners built
-by :func:`benchmarks._methods.build_learner` (SGD, lr 1e-3):
+by :func:`benchmarks._learners.build_learner` (SGD, lr 1e-3):
 
 - DDP-Joint: the hard-shared network, one backward of the summed task losses,
   wrapped in ``torch.nn.parallel.DistributedDataParallel``;
@@ -58,7 +58,7 @@ from torch.multiprocessing.spawn import spawn
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from benchmarks._cli import POSITIVE_INT, finite
-from benchmarks._methods import Batch, CooperativeLearner, JointLearner, Learner
+from benchmarks._learners import Batch, CooperativeLearner, JointLearner, Learner
 from benchmarks.step_time import CLASSES, TASKS, _classifier_problem, _learner, _timed
 
 __all__ = ["METHODS", "WORLD", "Settings", "main", "markdown", "measure", "summarise"]

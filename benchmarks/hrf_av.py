@@ -1,7 +1,7 @@
 """HRF-AV-style benchmark: artery/vein segmentation + binary vessel segmentation on one image.
 
 This mirrors the MT-COOL paper's Table 3 (HRF-AV) with every method of
-:mod:`benchmarks._methods`. The network is the small smp UNet of
+:mod:`benchmarks._learners`. The network is the small smp UNet of
 :mod:`benchmarks._unet` (resnet18 encoder cut to four stages, no pretrained
 weights) made multi-task by ``adapters.smp.multitask``: the
 ``artery_vein`` task (3 classes: background, artery, vein) keeps the UNet
@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from benchmarks import _scenario, _unet
 from benchmarks._images import ImageTasks
-from benchmarks._methods import Problem
-from benchmarks._scenario import Metric, Scenario, ScenarioConfig
+from benchmarks._learners import Problem
+from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
 from benchmarks._vessels import IGNORE, LAYOUT, TASKS, load_hrf_av, synthetic_hrf_av
 
 __all__ = ["SCENARIO", "evaluate", "main", "problem"]
@@ -80,7 +80,7 @@ def _single_task(task: str) -> nn.Module:
     raise ValueError(f"task={task!r} is not one of {TASKS}")
 
 
-def problem(config: ScenarioConfig | None = None) -> Problem:
+def problem(config: ScenarioConfig | None = None, data: SeedData | None = None) -> Problem:
     """The HRF-AV networks and losses (the same for every configuration)."""
     return Problem(
         tasks=TASKS,
@@ -92,8 +92,8 @@ def problem(config: ScenarioConfig | None = None) -> Problem:
 
 def _load(config: ScenarioConfig, seed: int) -> ImageTasks:
     if config.data_dir is None:
-        return synthetic_hrf_av(config.train_size or 1, config.test_size or 1, config.image_size, seed=seed)
-    data = load_hrf_av(config.data_dir, config.image_size, test_fraction=config.test_fraction, seed=seed)
+        return synthetic_hrf_av(config.train_size or 1, config.test_size or 1, config.side, seed=seed)
+    data = load_hrf_av(config.data_dir, config.side, test_fraction=config.test_fraction, seed=seed)
     train = None if config.train_size is None else torch.arange(min(config.train_size, data.train_x.shape[0]))
     test = None if config.test_size is None else torch.arange(min(config.test_size, data.test_x.shape[0]))
     return data.select(train, test)
@@ -181,7 +181,7 @@ SCENARIO: Final[Scenario] = Scenario(
     "Independent, Joint, PCGrad, MGDA, CAGrad, GradDrop and MT-COOL's ablations (the MT-COOL paper's Table 3). "
     "Synthetic vessel trees by default; --data-dir for real HRF-AV.",
     tasks=TASKS,
-    segmentation=TASKS,
+    pixel_tasks=TASKS,
     metrics=_METRICS,
     curve_metric={"artery_vein": "av_f1", "vessel": "vessel_f1"},
     defaults={

@@ -1,7 +1,7 @@
 """REFUGE-style benchmark: optic disc/cup segmentation + glaucoma classification on one image.
 
 This mirrors the MT-COOL paper's Table 2 (REFUGE2018) with every method of
-:mod:`benchmarks._methods` (Independent, Joint, PCGrad, MGDA, CAGrad, GradDrop,
+:mod:`benchmarks._learners` (Independent, Joint, PCGrad, MGDA, CAGrad, GradDrop,
 MT-COOL's ablations). The network is the small smp UNet of
 :mod:`benchmarks._unet` (resnet18 encoder cut to four stages, no pretrained
 weights: nothing is downloaded), made multi-task by ``adapters.smp.multitask``:
@@ -52,8 +52,8 @@ from torch import Tensor, nn
 from benchmarks import _scenario, _unet
 from benchmarks._fundus import LAYOUT, REFUGE_CLASSES, TASKS, load_refuge, synthetic_refuge
 from benchmarks._images import ImageTasks
-from benchmarks._methods import Problem
-from benchmarks._scenario import Metric, Scenario, ScenarioConfig
+from benchmarks._learners import Problem
+from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
 
 __all__ = ["SCENARIO", "evaluate", "main", "problem"]
 
@@ -95,7 +95,7 @@ def _glaucoma_loss(logits: Tensor, label: Tensor) -> Tensor:
     return F.cross_entropy(logits, label, weight=torch.tensor(GLAUCOMA_WEIGHTS, device=logits.device))
 
 
-def problem(config: ScenarioConfig | None = None) -> Problem:
+def problem(config: ScenarioConfig | None = None, data: SeedData | None = None) -> Problem:
     """The REFUGE networks and losses (the same for every configuration)."""
     return Problem(
         tasks=TASKS,
@@ -107,8 +107,8 @@ def problem(config: ScenarioConfig | None = None) -> Problem:
 
 def _load(config: ScenarioConfig, seed: int) -> ImageTasks:
     if config.data_dir is None:
-        return synthetic_refuge(config.train_size or 1, config.test_size or 1, config.image_size, seed=seed)
-    data = load_refuge(config.data_dir, config.image_size, test_fraction=config.test_fraction, seed=seed)
+        return synthetic_refuge(config.train_size or 1, config.test_size or 1, config.side, seed=seed)
+    data = load_refuge(config.data_dir, config.side, test_fraction=config.test_fraction, seed=seed)
     train = None if config.train_size is None else torch.arange(min(config.train_size, data.train_x.shape[0]))
     test = None if config.test_size is None else torch.arange(min(config.test_size, data.test_x.shape[0]))
     return data.select(train, test)
@@ -204,7 +204,7 @@ SCENARIO: Final[Scenario] = Scenario(
     "UNet encoder: Independent, Joint, PCGrad, MGDA, CAGrad, GradDrop and MT-COOL's ablations "
     "(the MT-COOL paper's Table 2). Synthetic fundus images by default; --data-dir for real REFUGE2018.",
     tasks=TASKS,
-    segmentation=("disc_cup",),
+    pixel_tasks=("disc_cup",),
     metrics=_METRICS,
     curve_metric={"disc_cup": "dice_cup", "glaucoma": "auroc"},
     defaults={

@@ -47,7 +47,8 @@ from torch import Tensor, nn
 import adapters
 import adapters.timm
 from benchmarks._cli import POSITIVE_INT, resolve_device
-from cooperative_opt import CooperativeOptimizer, Task
+from benchmarks._learners import cooperative_tasks
+from cooperative_opt import CooperativeOptimizer
 
 SIZES = {"small": (16, 64), "large": (32, 128), "tiny": (2, 32)}  # images per task, side length; tiny: smoke tests
 TASKS = ("a", "b")
@@ -128,28 +129,11 @@ def joint_stepper(model: nn.Module, batches: Batches, setup: Setup = EAGER) -> C
     return step
 
 
-def _task_inputs(task: str) -> Callable[[tuple[Tensor, Tensor]], tuple[Tensor, str]]:
-    """``Task.inputs`` for ``model(x, task)``."""
-
-    def inputs(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, str]:
-        return (batch[0], task)
-
-    return inputs
-
-
 def cooperative_optimizer(model: MultiTaskResNet, samples: int, vectorize: bool, setup: Setup = EAGER
                           ) -> CooperativeOptimizer:
     """MT-COOL (L = 1) on ``model``, channel-split in place; a compiled setup gives it ``torch.compile(model)``."""
     adapters.split_channels(model.encoder, list(TASKS))
-    tasks = [
-        Task(
-            t,
-            loss=lambda out, batch: F.cross_entropy(out, batch[1]),
-            head=model.heads[t],
-            inputs=_task_inputs(t),
-        )
-        for t in TASKS
-    ]
+    tasks = cooperative_tasks(TASKS, dict.fromkeys(TASKS, F.cross_entropy), model.heads.__getitem__)
     with warnings.catch_warnings():  # M = 1: the paper's consistency term is zero, as in the paper's runs
         warnings.simplefilter("ignore", UserWarning)
         return CooperativeOptimizer(setup.compiled(model), tasks, torch.optim.SGD, lr=1e-3, samples=samples,
@@ -403,7 +387,7 @@ MT_COOL_SAMPLES = (1, 2, 4)
 
 def _classifier_problem() -> Any:
     """Two 5-class tasks on a timm resnet18 (hard-shared for Joint), each with its own batch."""
-    from benchmarks._methods import Problem
+    from benchmarks._learners import Problem
 
     def multi_task() -> nn.Module:
         net = adapters.timm.multitask("resnet18", {t: CLASSES for t in TASKS})
@@ -440,10 +424,10 @@ def _problem_and_batches(name: str, device: torch.device) -> tuple[Any, dict[str
 def method_labels() -> list[str]:
     """Row labels of the every-method table: each method, MT-COOL at each M of :data:`MT_COOL_SAMPLES`
     with ``running_stats="once"`` (the plain-PyTorch cost), and once more at M = 1 with ``"clean"``."""
-    from benchmarks._methods import METHODS
+    from benchmarks._learners import offered_methods
 
     labels: list[str] = []
-    for method in METHODS:
+    for method in offered_methods(()):  # the method table's problems build no Problem.networks
         if method == "mt_cool":
             labels += [f"mt_cool (M={m})" for m in MT_COOL_SAMPLES]
             labels += ["mt_cool (M=1, whole layers)", "mt_cool (M=1, clean stats)"]
@@ -454,7 +438,7 @@ def method_labels() -> list[str]:
 
 def _learner(problem: Any, label: str, device: torch.device) -> Any:
     """The learner a :func:`method_labels` row times (and its memory subprocess measures)."""
-    from benchmarks._methods import Training, build_learner
+    from benchmarks._learners import Training, build_learner
 
     method, _, options = label.partition(" (")
     samples = 1
@@ -621,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="skip the MT-COOL / Joint table by size and M and the noise timing")
     parser.add_argument("--out", default="results/step_time.json")
     parser.add_argument("--methods", action="store_true",
-                        help="also time every method of benchmarks._methods side by side (issue 4's table)")
+                        help="also time every method of benchmarks._learners side by side (issue 4's table)")
     parser.add_argument("--problems", default="resnet18,unet", help="with --methods: resnet18 and/or unet")
     parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--_method_child", nargs=3, help=argparse.SUPPRESS)

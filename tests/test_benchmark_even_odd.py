@@ -16,7 +16,8 @@ import torch
 from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
 from benchmarks._data import MNIST_FILES, TASK_DIGITS, load_digits_even_odd, load_mnist_even_odd, read_idx
-from benchmarks._models import LeNetMultiTask, LeNetSingle, count_parameters
+from benchmarks._learners import count_parameters, label
+from benchmarks._models import LeNetMultiTask, LeNetSingle
 from benchmarks.even_odd import METHODS, main, parse_args
 
 TASKS = [name for name, _ in TASK_DIGITS]
@@ -250,23 +251,32 @@ def _check_results(results: dict[str, Any], out_dir: Path, methods: tuple[str, .
     assert on_disk["tasks"] == TASKS
     assert on_disk["config"]["warmup_epochs"] == 1 and any("warm-up" in note for note in on_disk["notes"])
     assert list(on_disk["methods"]) == list(methods)
+    keys = [f"{task}_acc" for task in TASKS]
+    assert [metric["key"] for metric in on_disk["metrics"]] == keys
     for method, summary in on_disk["methods"].items():
         assert summary["params_ratio"] == pytest.approx(1.0 if method != "independent" else 1.95, abs=0.05)
-        for task in TASKS:
-            accuracy = summary["accuracy"][task]
+        for key in keys:
+            accuracy = summary["metrics"][key]
             assert 0.0 <= accuracy["mean"] <= 1.0 and accuracy["std"] >= 0.0
             assert len(accuracy["per_seed"]) == len(on_disk["config"]["seeds"])
         run = summary["runs"][0]
         assert run["curves"]["epoch"] == list(range(1, on_disk["config"]["epochs"] + 1))
-        assert all(len(run["curves"][key][task]) == 2 for key in ("train_loss", "test_accuracy") for task in TASKS)
-        assert f"| {method} |" in on_disk["table"]
+        assert all(len(run["curves"]["train_loss"][task]) == 2 for task in TASKS)
+        assert all(len(run["curves"]["test"][key]) == 2 for key in keys)
+        assert f"| {label(method)} | {summary['params_ratio']:.2f} |" in on_disk["table"]
+        if "independent" in on_disk["methods"]:  # Δm: mean relative accuracy change against Independent, in %
+            base = on_disk["methods"]["independent"]["metrics"]
+            relative = [(summary["metrics"][k]["mean"] - base[k]["mean"]) / base[k]["mean"] for k in keys]
+            assert summary["delta_m"] == pytest.approx(100 * sum(relative) / len(keys), abs=1e-9)
+            assert f"| {summary['delta_m']:+.2f} |" in on_disk["table"]
+    assert on_disk["table"].splitlines()[0] == "| method | params | even acc (%) | odd acc (%) | Δm (%) |"
     assert (out_dir / "even_odd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_quick_run_trains_every_method_and_writes_json_and_png(tmp_path: Path) -> None:
     results = main(["--quick", "--out-dir", str(tmp_path), "--no-progress"])
     _check_results(results, tmp_path, METHODS)
-    assert results["config"]["dataset"] == "digits"
+    assert results["data_source"] == "sklearn digits 8x8" and results["config"]["data_dir"] is None
     assert results["config"]["seeds"] == [0] and results["config"]["epochs"] == 2
 
 
@@ -275,8 +285,9 @@ def test_quick_run_reads_mnist_idx_files(tmp_path: Path) -> None:
     _write_fake_mnist(data_dir, gz=True)
     results = main(["--quick", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"), "--no-progress"])
     _check_results(results, tmp_path / "out", METHODS)
-    assert results["config"]["dataset"] == "mnist"
+    assert results["data_source"] == str(data_dir)
     assert results["methods"]["joint"]["runs"][0]["train_sizes"] == {"even": 50, "odd": 50}
+    assert results["methods"]["joint"]["runs"][0]["test_sizes"] == {"even": 20, "odd": 20}
 
 
 def test_runs_are_reproducible(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from benchmarks._vessels import IGNORE, TASKS, load_hrf_av, masks_from_av_colours, synthetic_hrf_av, synthetic_vessels
+from benchmarks._learners import label as method_label
 from benchmarks.hrf_av import SCENARIO, evaluate, main
 
 pytest.importorskip("segmentation_models_pytorch")
@@ -128,7 +129,7 @@ def test_quick_run_trains_every_method_and_writes_json_and_figures(tmp_path: Pat
         ratio = summary["params_ratio"]
         assert (1.8 < ratio < 2.1) if method == "independent" else ratio == pytest.approx(1.0)
         assert all(0.0 <= summary["metrics"][key]["mean"] <= 1.0 for key in keys)
-        assert f"| {method} |" in on_disk["table"]
+        assert f"| {method_label(method)} |" in on_disk["table"]
     assert "F1 A (%)" in on_disk["table"] and "F1 vessel (%)" in on_disk["table"]
     for name in ("hrf_av.png", "hrf_av_curves.png", "hrf_av_samples.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -139,4 +140,4 @@ def test_quick_run_reads_the_real_layout(tmp_path: Path) -> None:
     argv = ["--quick", "--methods", "independent,pcgrad,mt_cool", "--data-dir", str(tmp_path / "HRF")]
     results: dict[str, Any] = main([*argv, "--out-dir", str(tmp_path / "out"), "--no-progress", "--batch-size", "2"])
     assert list(results["methods"]) == ["independent", "pcgrad", "mt_cool"]
-    assert results["methods"]["pcgrad"]["runs"][0]["train_size"] == 4
+    assert results["methods"]["pcgrad"]["runs"][0]["train_sizes"] == {"artery_vein": 4, "vessel": 4}

@@ -1,4 +1,4 @@
-"""Tests for the shared method runner of the benchmarks (``benchmarks._methods``)."""
+"""Tests for the learners of the benchmarks (``benchmarks._learners``) on the hard-shared network."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import adapters
-from benchmarks._methods import (
+from benchmarks._learners import (
     COOPERATIVE_METHODS,
     GRADIENT_METHODS,
-    METHODS,
     Batch,
     GradientLearner,
     JointLearner,
@@ -23,11 +22,14 @@ from benchmarks._methods import (
     build_learner,
     check_methods_available,
     count_parameters,
+    offered_methods,
 )
 
 torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
 
 TASKS = ("a", "b")
+PLAIN_METHODS = offered_methods(())
+"""The methods of a problem without ``Problem.networks``."""
 
 
 def _lenet_like_problem() -> Problem:
@@ -71,7 +73,7 @@ def _encoder_jacobian(model: nn.Module, batches: Mapping[str, Batch]) -> Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PLAIN_METHODS)
 @pytest.mark.parametrize("shared", [False, True])
 def test_every_method_lowers_the_training_loss(method: str, shared: bool) -> None:
     learner = build_learner(method, _lenet_like_problem(), Training(lr=0.2, warmup_steps=2))
@@ -88,11 +90,11 @@ def test_every_method_lowers_the_training_loss(method: str, shared: bool) -> Non
 
 def test_parameter_counts_are_those_of_the_networks() -> None:
     problem = _lenet_like_problem()
-    counts = {method: build_learner(method, problem, Training()).num_parameters for method in METHODS}
+    counts = {method: build_learner(method, problem, Training()).num_parameters for method in PLAIN_METHODS}
     joint = count_parameters(problem.multi_task())
     single = sum(count_parameters(problem.single_task(task)) for task in TASKS)
     assert counts["independent"] == single
-    assert all(counts[method] == joint for method in METHODS if method != "independent")
+    assert all(counts[method] == joint for method in PLAIN_METHODS if method != "independent")
     assert 1.5 < single / joint < 2.0
 
 
@@ -102,7 +104,7 @@ def test_same_seed_same_initialisation_for_every_multi_task_method() -> None:
     joint = build_learner("joint", problem, training)
     assert isinstance(joint, JointLearner)
     reference = {name: p for name, p in _parameters(joint.model).items()}
-    for method in (*GRADIENT_METHODS, *COOPERATIVE_METHODS):
+    for method in (*GRADIENT_METHODS, *(m for m in COOPERATIVE_METHODS if m in PLAIN_METHODS)):
         learner = build_learner(method, problem, training)
         model: nn.Module = getattr(learner, "model")
         encoder: nn.Module = getattr(model, "encoder")

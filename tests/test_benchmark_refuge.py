@@ -20,7 +20,7 @@ from benchmarks._fundus import (
     synthetic_fundus,
     synthetic_refuge,
 )
-from benchmarks._methods import METHODS
+from benchmarks._learners import label as method_label, offered_methods
 from benchmarks.refuge import SCENARIO, evaluate, main
 
 pytest.importorskip("segmentation_models_pytorch")
@@ -215,15 +215,15 @@ def _check_outputs(results: dict[str, Any], out_dir: Path, methods: tuple[str, .
         assert all(len(run["curves"]["test"][key]) == on_disk["config"]["epochs"] for key in keys)
         for key in ("dice_cup", "dice_disc", "accuracy", "sensitivity", "specificity"):
             assert 0.0 <= summary["metrics"][key]["mean"] <= 1.0
-        assert f"| {method} |" in on_disk["table"]
-    assert "| method | params | Dice cup (%) | Dice disc (%) | Acc (%) | AUROC | Sen (%) | Spe (%) |" in on_disk["table"]
+        assert f"| {method_label(method)} |" in on_disk["table"]
+    assert "| method | params | Dice cup (%) | Dice disc (%) | Acc (%) | AUROC | Sen (%) | Spe (%) | Δm (%) |" in on_disk["table"]
     for name in ("refuge.png", "refuge_curves.png", "refuge_samples.png"):
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_quick_run_trains_every_method_and_writes_json_and_figures(tmp_path: Path) -> None:
     results = main(["--quick", "--out-dir", str(tmp_path), "--no-progress"])
-    _check_outputs(results, tmp_path, METHODS)
+    _check_outputs(results, tmp_path, offered_methods(()))
     assert results["data_source"] == "synthetic" and results["tasks"] == list(TASKS)
     # MT-COOL really ran its warm-up then cooperative steps; the gradient methods are not Joint in disguise
     # quick: 20 training images in batches of 4 = 5 steps per epoch, warm-up one epoch
@@ -239,7 +239,7 @@ def test_quick_run_reads_the_real_layout(tmp_path: Path) -> None:
     results = main([*argv, "--out-dir", str(tmp_path / "out"), "--no-progress"])
     _check_outputs(results, tmp_path / "out", ("joint", "mt_cool_clean"))
     assert results["data_source"] == str(tmp_path / "REFUGE")
-    assert results["methods"]["joint"]["runs"][0]["train_size"] == 9
+    assert results["methods"]["joint"]["runs"][0]["train_sizes"] == {"disc_cup": 9, "glaucoma": 9}
 
 
 def test_bad_options_are_rejected_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -264,8 +264,9 @@ def test_cosine_schedule_is_the_default_and_changes_training(tmp_path: Path) -> 
 
 
 def test_noise_bound_reaches_the_optimizer_and_leaves_the_clamp_at_bound() -> None:
-    from benchmarks._methods import build_learner
-    from benchmarks._scenario import _training, parse_args
+    from benchmarks._learners import build_learner
+    from benchmarks._runs import _training
+    from benchmarks._scenario import parse_args
     from tests.test_benchmark_methods import _lenet_like_problem
 
     config = parse_args(SCENARIO, ["--quick", "--noise-bound", "0.001", "--bound", "0.04"])
@@ -278,15 +279,17 @@ def test_noise_bound_reaches_the_optimizer_and_leaves_the_clamp_at_bound() -> No
 
 
 def test_noise_options_reach_the_noisy_variants_and_spare_vanilla() -> None:
-    from benchmarks._methods import COOPERATIVE_METHODS, build_learner
-    from benchmarks._scenario import _training, parse_args
+    from benchmarks._learners import COOPERATIVE_METHODS, build_learner
+    from benchmarks._runs import _training
+    from benchmarks._scenario import parse_args
     from tests.test_benchmark_methods import _lenet_like_problem
 
     config = parse_args(
         SCENARIO, ["--quick", "--noise-bound", "0.01", "--noise-scale", "relative", "--consistency-weight", "0.5"]
     )
     assert config.noise_scale == "relative"
-    for method in COOPERATIVE_METHODS:  # vanilla has no noise, without_reg no consistency term: both still build
+    # vanilla has no noise, without_reg no consistency term: both still build
+    for method in [m for m in COOPERATIVE_METHODS if m in offered_methods(())]:
         optimizer = build_learner(method, _lenet_like_problem(), _training(config, seed=0, warmup_steps=0)).optimizer
         noisy = method != "vanilla"
         assert (optimizer.settings.noise_bound, optimizer.settings.noise_scale) == ((0.01, "relative") if noisy else (None, "absolute"))

@@ -15,13 +15,13 @@ import torch._dynamo
 pytest.importorskip("torchjd")
 
 from benchmarks import step_time  # noqa: E402
-from benchmarks._methods import METHODS  # noqa: E402
+from benchmarks._learners import offered_methods  # noqa: E402
 from tests.test_benchmark_methods import _lenet_like_problem  # noqa: E402
 
 
 def test_every_method_has_a_row_and_mt_cool_one_per_setting() -> None:
     labels = step_time.method_labels()
-    assert [label for label in labels if not label.startswith("mt_cool ")] == [m for m in METHODS if m != "mt_cool"]
+    assert [label for label in labels if not label.startswith("mt_cool ")] == [m for m in offered_methods(()) if m != "mt_cool"]
     assert [label for label in labels if label.startswith("mt_cool ")] == [
         "mt_cool (M=1)", "mt_cool (M=2)", "mt_cool (M=4)", "mt_cool (M=1, whole layers)",
         "mt_cool (M=1, clean stats)"]

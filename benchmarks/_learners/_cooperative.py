@@ -1,0 +1,136 @@
+"""MT-COOL and its ablations: a network whose parameters are split between the tasks, trained by
+:class:`cooperative_opt.CooperativeOptimizer`.
+
+- the hard-shared ``Problem.multi_task`` network with its encoder channel-split
+  (:func:`adapters.split_channels`): ``vanilla``, ``without_reg``, ``mt_cool``, ``mt_cool_clean``;
+- an ``architectures`` network of ``Problem.networks`` (``mtan_mt_cool``, ``ctan_vanilla``,
+  ``ctan_without_reg``, ``ctan_mt_cool``), split by :func:`_cooperative_parts`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks._learners._joint import build_network, check_hard_shared, encoder_of, heads_of
+from benchmarks._learners._problem import Batch, Problem, Training, count_parameters
+from benchmarks._learners._tasks import cooperative_tasks
+
+__all__ = ["CooperativeLearner", "Reference", "Variant", "missing_core_message"]
+
+Variant = Literal["vanilla", "without_reg", "mt_cool"]
+Reference = Literal["mean", "clean"]
+
+
+def missing_core_message(error: ImportError) -> str:
+    """The error text when ``cooperative_opt`` or ``adapters`` cannot be imported."""
+    return (
+        "the MT-COOL methods need the cooperative_opt and adapters packages, which failed to "
+        f"import ({error}); install the project (pip install -e .) or leave these methods out of --methods"
+    )
+
+
+def _cooperative_parts(
+    net: nn.Module, losses: Mapping[str, Callable[[Tensor, Any], Tensor]]
+) -> tuple[list[Any], dict[str, list[tuple[str, nn.Parameter]]] | None]:
+    """The ``Task`` list of an ``architectures`` network and its ``task_parameters=`` mapping.
+
+    Splits ``net.shared()`` in place (:func:`adapters.split_channels`) when it is not ``None``
+    (the core then finds the slices itself: ``None`` is returned); otherwise each task owns
+    the parameters of ``net.task_encoder(task)`` (names relative to ``net``). Each task's
+    head is ``net.task_head(task)``; the model is called as ``net(x, task)``.
+    (To become ``architectures.cooperative(net, losses)`` once that package lands.)
+    """
+    import adapters
+
+    names = list(getattr(net, "task_names"))
+    shared: nn.Module | None = getattr(net, "shared")()
+    owned: dict[str, list[tuple[str, nn.Parameter]]] | None = None
+    if shared is not None:
+        adapters.split_channels(shared, names)
+    else:
+        full = {id(p): name for name, p in net.named_parameters()}
+        owned = {}
+        for task in names:
+            encoder: nn.Module | None = getattr(net, "task_encoder")(task)
+            owned[task] = [] if encoder is None else [(full[id(p)], p) for p in encoder.parameters()]
+    return cooperative_tasks(names, losses, getattr(net, "task_head")), owned
+
+
+class CooperativeLearner:
+    """MT-COOL or one of its ablations on a split network, trained by ``CooperativeOptimizer``.
+
+    Args:
+        problem: the scenario's networks and losses.
+        training: the run's settings.
+        variant: ``CooperativeOptimizer``'s ``variant``.
+        reference: its ``consistency_reference``.
+        network: ``None`` for the channel-split ``Problem.multi_task`` network, else the
+            ``Problem.networks`` key of the architecture to split (``"mtan"``, ``"ctan"``).
+    """
+
+    def __init__(
+        self, problem: Problem, training: Training, variant: Variant, reference: Reference = "mean",
+        network: str | None = None,
+    ) -> None:
+        try:
+            import adapters
+            from cooperative_opt import VARIANTS, CooperativeOptimizer
+        except ImportError as error:
+            raise RuntimeError(missing_core_message(error)) from error
+        spec = VARIANTS[variant]
+        owned: dict[str, list[tuple[str, nn.Parameter]]] | None = None
+        if network is None:
+            self.model = check_hard_shared(problem.multi_task()).to(training.device)
+            adapters.split_channels(encoder_of(self.model), list(problem.tasks))
+            tasks = cooperative_tasks(problem.tasks, problem.losses, heads_of(self.model).__getitem__)
+        else:
+            self.model = build_network(problem, network).to(training.device)
+            tasks, owned = _cooperative_parts(self.model, problem.losses)
+        cls, kwargs = training.optimizer_class()
+        with warnings.catch_warnings():
+            # mt_cool at samples=1 runs the paper's formula on purpose (its consistency term is
+            # identically zero there); mt_cool_clean is the active alternative, reported beside it.
+            warnings.filterwarnings("ignore", message=r".*identically zero", category=UserWarning)
+            self.optimizer = CooperativeOptimizer(
+                self.model,
+                tasks,
+                cls,
+                **kwargs,
+                variant=variant,
+                consistency_reference=reference,
+                # options of a term the variant does not have are not passed (the optimizer rejects them)
+                consistency_weight=training.consistency_weight if spec.consistency else None,
+                bound=training.bound,
+                noise_bound=training.noise_bound if spec.noise else None,
+                noise_scale=training.noise_scale if spec.noise else "absolute",
+                samples=training.samples,
+                noise=training.noise if spec.noise else "identical",
+                inner_steps=training.inner_steps,
+                warmup_steps=training.warmup_steps,
+                running_stats=training.running_stats,
+                sliced_layers=training.sliced_layers,
+                seed=training.seed,
+                task_parameters=owned,
+            )
+        self.num_parameters = count_parameters(self.model)
+
+    def train_step(self, batches: Mapping[str, Batch]) -> dict[str, float]:
+        report = self.optimizer.step(dict(batches))
+        # A task skipped for a non-finite loss has no entry; record it as NaN.
+        return {task: float(report.losses.get(task, math.nan)) for task in batches}
+
+    def predict(self, x: Tensor, task: str) -> Tensor:
+        prediction: Tensor = self.model(x, task)
+        return prediction
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]

@@ -1,0 +1,96 @@
+"""Per-method summaries of a scenario run and the markdown table, Δm column included."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from benchmarks._delta_m import delta_m, kept_metrics
+from benchmarks._learners import label
+
+if TYPE_CHECKING:
+    from benchmarks._scenario import Metric
+
+__all__ = ["BASELINE", "add_delta_m", "markdown_table", "mean_std", "summarise"]
+
+BASELINE = "independent"
+"""The method Δm is measured against (single-task learning)."""
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) over the finite values; NaN, NaN if there is none.
+
+    A seed whose value is NaN (a diverged run, an undefined metric) or ``None`` (NaN after the JSON
+    round trip) is left out of both.
+
+    Example:
+        >>> mean_std([1.0, float("nan"), 3.0])
+        (2.0, 1.4142135623730951)
+    """
+    kept = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not kept:
+        return math.nan, math.nan
+    return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0
+
+
+def summarise(metrics: Sequence[Metric], runs: list[dict[str, Any]], joint_parameters: int) -> dict[str, Any]:
+    """One method's summary: parameter count and ratio to Joint, each metric's mean/std/per-seed, the runs."""
+    summary: dict[str, dict[str, Any]] = {}
+    for metric in metrics:
+        per_seed = [float(run["final"].get(metric.key, math.nan)) for run in runs]
+        mean, std = mean_std(per_seed)
+        summary[metric.key] = {"mean": mean, "std": std, "per_seed": per_seed}
+    parameters = int(runs[0]["num_parameters"])
+    return {
+        "params": parameters,
+        "params_ratio": parameters / joint_parameters,
+        "metrics": summary,
+        "delta_m": math.nan,
+        "wall_time_s": sum(float(run["wall_time_s"]) for run in runs),
+        "runs": runs,
+    }
+
+
+def _means(summary: Mapping[str, Any]) -> dict[str, float | None]:
+    return {key: value["mean"] for key, value in summary["metrics"].items()}
+
+
+def add_delta_m(summaries: Mapping[str, dict[str, Any]], metrics: Sequence[Metric]) -> list[str] | None:
+    """Set every summary's ``delta_m`` against :data:`BASELINE` (NaN when it was not run); return the keys
+    of the metrics Δm averaged over, ``None`` without the baseline."""
+    if BASELINE not in summaries:
+        for summary in summaries.values():
+            summary["delta_m"] = math.nan
+        return None
+    baseline = _means(summaries[BASELINE])
+    for summary in summaries.values():
+        summary["delta_m"] = delta_m(_means(summary), baseline, metrics)
+    return kept_metrics(baseline, metrics)
+
+
+def _cell(metric: Metric, summary: Mapping[str, Any]) -> str:
+    mean, std = summary["mean"], summary["std"]
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    digits = 2 if metric.percent else 3
+    return f"{metric.show(mean):.{digits}f} ± {metric.show(std):.{digits}f}"
+
+
+def _delta_cell(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.2f}"
+
+
+def markdown_table(metrics: Sequence[Metric], summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """The results laid out like the papers' tables: one row per method, Params relative to Joint, Δm (%)
+    against Independent last ("n/a" when Independent was not run)."""
+    rows = [
+        "| method | params | " + " | ".join(metric.header for metric in metrics) + " | Δm (%) |",
+        "|---|---:|" + "---:|" * (len(metrics) + 1),
+    ]
+    for method, summary in summaries.items():
+        cells = [_cell(metric, summary["metrics"][metric.key]) for metric in metrics]
+        rows.append(f"| {label(method)} | {summary['params_ratio']:.2f} | " + " | ".join(cells)
+                    + f" | {_delta_cell(summary.get('delta_m'))} |")
+    return "\n".join(rows)
