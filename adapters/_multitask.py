@@ -10,6 +10,7 @@ each head is owned by its task, so the model plugs straight into
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -237,6 +238,26 @@ def export(model: MultiTaskModel, task: str) -> nn.Module:
     return model.export(task)
 
 
+@dataclass(frozen=True)
+class _TargetLoss:
+    """``Task.loss`` of :func:`make_tasks`: ``fn(output, y)`` for ``batch = (x, y)``; a class so tasks pickle."""
+
+    fn: Callable[[Any, Any], Tensor]
+
+    def __call__(self, output: Any, batch: Any) -> Tensor:
+        return self.fn(output, batch[1])
+
+
+@dataclass(frozen=True)
+class _TaskInputs:
+    """``Task.inputs`` of :func:`make_tasks`: the model is called as ``model(x, task)`` for ``batch = (x, y)``."""
+
+    task: str
+
+    def __call__(self, batch: Any) -> tuple[Any, str]:
+        return (batch[0], self.task)
+
+
 def make_tasks(
     model: nn.Module,
     losses: Mapping[str, Callable[[Any, Any], Tensor]],
@@ -294,14 +315,8 @@ def make_tasks(
     else:
         per_task = {n: consistency for n in names}
 
-    def loss_of(fn: Callable[[Any, Any], Tensor]) -> Callable[[Any, Any], Tensor]:
-        return lambda output, batch: fn(output, batch[1])
-
-    def inputs_of(name: str) -> Callable[[Any], tuple[Any, ...]]:
-        return lambda batch: (batch[0], name)
-
     return [
-        Task(name, loss=loss_of(losses[name]), head=heads[name], inputs=inputs_of(name),
+        Task(name, loss=_TargetLoss(losses[name]), head=heads[name], inputs=_TaskInputs(name),
              consistency=per_task[name])
         for name in names
     ]

@@ -47,7 +47,6 @@ from torch import Tensor, nn
 import adapters
 import adapters.timm
 from benchmarks._cli import POSITIVE_INT, resolve_device
-from benchmarks._learners import cooperative_tasks
 from cooperative_opt import CooperativeOptimizer
 
 SIZES = {"small": (16, 64), "large": (32, 128), "tiny": (2, 32)}  # images per task, side length; tiny: smoke tests
@@ -133,7 +132,7 @@ def cooperative_optimizer(model: MultiTaskResNet, samples: int, vectorize: bool,
                           ) -> CooperativeOptimizer:
     """MT-COOL (L = 1) on ``model``, channel-split in place; a compiled setup gives it ``torch.compile(model)``."""
     adapters.split_channels(model.encoder, list(TASKS))
-    tasks = cooperative_tasks(TASKS, dict.fromkeys(TASKS, F.cross_entropy), model.heads.__getitem__)
+    tasks = adapters.make_tasks(model, dict.fromkeys(TASKS, F.cross_entropy), heads=dict(model.heads.items()))
     with warnings.catch_warnings():  # M = 1: the paper's consistency term is zero, as in the paper's runs
         warnings.simplefilter("ignore", UserWarning)
         return CooperativeOptimizer(setup.compiled(model), tasks, torch.optim.SGD, lr=1e-3, samples=samples,

@@ -126,6 +126,16 @@ def test_make_tasks_plugs_into_the_optimizer() -> None:
         adapters.make_tasks(net, {"a": F.cross_entropy, "b": 3})  # type: ignore[dict-item]
 
 
+def test_make_tasks_pickle() -> None:
+    import pickle
+
+    net = adapters.multitask(_encoder(), _heads(["a", "b"]))
+    again = pickle.loads(pickle.dumps(adapters.make_tasks(net, {"a": F.cross_entropy, "b": F.cross_entropy})))
+    x, y = torch.randn(3, 2), torch.tensor([0, 1, 1])
+    assert again[1].inputs((x, y)) == (x, "b")
+    torch.testing.assert_close(again[0].loss(x, (x, y)), F.cross_entropy(x, y))
+
+
 def test_make_tasks_takes_the_heads_of_any_model() -> None:
     net = adapters.multitask(_encoder(), _heads(["a", "b"]))
     plain = nn.Module()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from collections.abc import Mapping
 
@@ -26,11 +25,10 @@ from benchmarks._learners import (
     Training,
     build_learner,
     check_offered,
-    cooperative_tasks,
     label,
     offered_methods,
 )
-from benchmarks._learners._cooperative import _cooperative_parts
+import architectures
 from tests.test_benchmark_methods import TASKS, _batches, _lenet_like_problem, _parameters
 
 
@@ -162,17 +160,6 @@ def test_a_network_off_the_protocol_or_its_tasks_is_refused_by_name() -> None:
         build_learner("ctan_mt_cool", wrong, Training())
 
 
-def test_cooperative_tasks_pickle_and_name_a_missing_loss() -> None:
-    heads = nn.ModuleDict({t: nn.Linear(2, 2) for t in TASKS})
-    tasks = cooperative_tasks(TASKS, dict.fromkeys(TASKS, F.cross_entropy), heads.__getitem__)
-    again = pickle.loads(pickle.dumps(tasks))
-    x, y = torch.randn(3, 2), torch.tensor([0, 1, 1])
-    assert again[1].inputs((x, y)) == (x, "b")
-    torch.testing.assert_close(again[0].loss(x, (x, y)), F.cross_entropy(x, y))
-    with pytest.raises(ValueError, match=r"no entry for tasks \['b'\]"):
-        cooperative_tasks(TASKS, {"a": F.cross_entropy}, heads.__getitem__)
-
-
 # ---------------------------------------------------------------------------
 # Architecture methods, trained like Joint
 
@@ -226,9 +213,9 @@ def test_mtan_mt_cool_splits_the_shared_part_like_mt_cool_splits_the_encoder(sha
     assert all(torch.equal(p, reference[name]) for name, p in _parameters(mtan).items())
 
 
-def test_cooperative_parts_give_each_ctan_task_its_stream_and_head() -> None:
+def test_architectures_cooperative_gives_each_ctan_task_its_stream_and_head() -> None:
     net = FakeCTAN()
-    tasks, owned = _cooperative_parts(net, dict.fromkeys(TASKS, F.cross_entropy))
+    tasks, owned = architectures.cooperative(net, dict.fromkeys(TASKS, F.cross_entropy))
     assert [t.name for t in tasks] == list(TASKS)
     assert owned is not None
     assert {t: [n for n, _ in params] for t, params in owned.items()} == {

@@ -4,7 +4,7 @@
   (the run's settings), the :class:`Learner` interface, :func:`count_parameters`;
 - :mod:`._independent`, :mod:`._joint`, :mod:`._gradient` (torchjd), :mod:`._cooperative`
   (``CooperativeOptimizer``): the learner families;
-- :mod:`._tasks`: the picklable ``cooperative_opt.Task`` builders;
+- tasks: ``adapters.make_tasks`` (picklable) and ``architectures.cooperative`` build the ``cooperative_opt.Task`` lists;
 - :mod:`._registry`: :data:`METHODS` and :func:`build_learner`.
 """
 
@@ -29,7 +29,6 @@ from benchmarks._learners._registry import (
     label,
     offered_methods,
 )
-from benchmarks._learners._tasks import BatchLoss, TaskInputs, cooperative_tasks
 
 __all__ = [
     "COOPERATIVE_METHODS",
@@ -40,7 +39,6 @@ __all__ = [
     "NETWORK_METHODS",
     "REGISTRY",
     "Batch",
-    "BatchLoss",
     "CooperativeLearner",
     "GradientLearner",
     "IndependentLearner",
@@ -49,13 +47,11 @@ __all__ = [
     "LossFn",
     "MethodSpec",
     "Problem",
-    "TaskInputs",
     "Training",
     "build_learner",
     "check_distributed_methods",
     "check_methods_available",
     "check_offered",
-    "cooperative_tasks",
     "count_parameters",
     "label",
     "offered_methods",

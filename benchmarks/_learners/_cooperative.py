@@ -4,22 +4,21 @@
 - the hard-shared ``Problem.multi_task`` network with its encoder channel-split
   (:func:`adapters.split_channels`): ``vanilla``, ``without_reg``, ``mt_cool``, ``mt_cool_clean``;
 - an ``architectures`` network of ``Problem.networks`` (``mtan_mt_cool``, ``ctan_vanilla``,
-  ``ctan_without_reg``, ``ctan_mt_cool``), split by :func:`_cooperative_parts`.
+  ``ctan_without_reg``, ``ctan_mt_cool``), turned into tasks by :func:`architectures.cooperative`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from benchmarks._learners._joint import build_network, check_hard_shared, encoder_of, heads_of
 from benchmarks._learners._problem import Batch, Problem, Training, count_parameters
-from benchmarks._learners._tasks import cooperative_tasks
 
 __all__ = ["CooperativeLearner", "Reference", "Variant", "missing_core_message"]
 
@@ -33,33 +32,6 @@ def missing_core_message(error: ImportError) -> str:
         "the MT-COOL methods need the cooperative_opt and adapters packages, which failed to "
         f"import ({error}); install the project (pip install -e .) or leave these methods out of --methods"
     )
-
-
-def _cooperative_parts(
-    net: nn.Module, losses: Mapping[str, Callable[[Tensor, Any], Tensor]]
-) -> tuple[list[Any], dict[str, list[tuple[str, nn.Parameter]]] | None]:
-    """The ``Task`` list of an ``architectures`` network and its ``task_parameters=`` mapping.
-
-    Splits ``net.shared()`` in place (:func:`adapters.split_channels`) when it is not ``None``
-    (the core then finds the slices itself: ``None`` is returned); otherwise each task owns
-    the parameters of ``net.task_encoder(task)`` (names relative to ``net``). Each task's
-    head is ``net.task_head(task)``; the model is called as ``net(x, task)``.
-    (To become ``architectures.cooperative(net, losses)`` once that package lands.)
-    """
-    import adapters
-
-    names = list(getattr(net, "task_names"))
-    shared: nn.Module | None = getattr(net, "shared")()
-    owned: dict[str, list[tuple[str, nn.Parameter]]] | None = None
-    if shared is not None:
-        adapters.split_channels(shared, names)
-    else:
-        full = {id(p): name for name, p in net.named_parameters()}
-        owned = {}
-        for task in names:
-            encoder: nn.Module | None = getattr(net, "task_encoder")(task)
-            owned[task] = [] if encoder is None else [(full[id(p)], p) for p in encoder.parameters()]
-    return cooperative_tasks(names, losses, getattr(net, "task_head")), owned
 
 
 class CooperativeLearner:
@@ -88,10 +60,19 @@ class CooperativeLearner:
         if network is None:
             self.model = check_hard_shared(problem.multi_task()).to(training.device)
             adapters.split_channels(encoder_of(self.model), list(problem.tasks))
-            tasks = cooperative_tasks(problem.tasks, problem.losses, heads_of(self.model).__getitem__)
+            heads = heads_of(self.model)
+            tasks = adapters.make_tasks(self.model, problem.losses, heads={t: heads[t] for t in problem.tasks})
         else:
-            self.model = build_network(problem, network).to(training.device)
-            tasks, owned = _cooperative_parts(self.model, problem.losses)
+            import architectures
+
+            net = build_network(problem, network).to(training.device)
+            if not isinstance(net, architectures.MultiTaskNetwork):
+                raise TypeError(
+                    f"Problem.networks[{network!r}] built a {type(net).__name__}, not an architectures.MultiTaskNetwork "
+                    "(task_names, forward_all, shared, task_encoder, task_head); MT-COOL cannot tell its tasks apart"
+                )
+            self.model = net
+            tasks, owned = architectures.cooperative(net, problem.losses)
         cls, kwargs = training.optimizer_class()
         with warnings.catch_warnings():
             # mt_cool at samples=1 runs the paper's formula on purpose (its consistency term is
