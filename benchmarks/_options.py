@@ -24,10 +24,21 @@ from benchmarks._learners import COOPERATIVE_METHODS, offered_methods
 if TYPE_CHECKING:
     from benchmarks._scenario import Scenario
 
-__all__ = ["SIZED", "ScenarioConfig", "parse_args"]
+__all__ = ["PRESETS", "SIZED", "ScenarioConfig", "parse_args"]
 
 SIZED: Final[tuple[str, ...]] = ("seeds", "epochs", "train_size", "test_size", "image_size", "warmup_epochs")
 """The run-size options, whose defaults differ between a full run and ``--quick``."""
+PRESETS: Final[Mapping[str, Mapping[str, Any]]] = {
+    "paper": {
+        "optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant",
+        "bound": 0.05, "noise_bound": None, "noise_scale": "absolute", "samples": 1,
+    },
+}
+"""Named optimizer settings (``--preset``). ``paper``: the MT-COOL paper's (Sec. 4: "we adopt the
+stochastic gradient descent (SGD) optimizer, and empirically set the bound value b = 0.05, the
+learning rate alpha = beta = 0.1 ... M = 1") for every method; momentum, weight decay and schedule
+are not stated there and are left off. Flags given explicitly override the preset."""
+
 _HELP: Final[Mapping[str, str]] = {
     "seeds": "number of seeds 0..N-1",
     "epochs": "epochs per run",
@@ -66,6 +77,7 @@ class ScenarioConfig:
         quick: whether ``--quick`` filled in the defaults.
         progress: whether to show the progress bar.
         distributed: ``--distributed``: train on torchrun's ranks, ``batch_size`` examples per rank.
+        preset: the ``--preset`` that supplied the optimizer settings (``None``: the scenario's defaults).
     """
 
     seeds: tuple[int, ...]
@@ -96,6 +108,7 @@ class ScenarioConfig:
     quick: bool
     progress: bool
     distributed: bool = False
+    preset: str | None = None
 
     @property
     def side(self) -> int:
@@ -152,6 +165,9 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     add("--quick", action="store_true",
         help=f"tiny smoke run exercising every method: {q['seeds']} seed(s), {q['epochs']} epochs")
     add("--no-progress", action="store_true", help="hide the progress bar")
+    add("--preset", choices=sorted(PRESETS), default=None,
+        help="named optimizer settings for every method; paper = SGD lr 0.1, b = 0.05, M = 1, constant schedule "
+             "(the MT-COOL paper's); flags given explicitly override it (default: the scenario's settings)")
     add_distributed_flag(parser)
     return parser
 
@@ -163,7 +179,11 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         ValueError: for an image size off the scenario's multiple, a test fraction outside (0, 1), or
             methods the scenario does not offer (naming those it does).
     """
-    args = _parser(scenario).parse_args(argv)
+    parser = _parser(scenario)
+    args = parser.parse_args(argv)
+    if args.preset is not None:  # the preset replaces the defaults; explicit flags still win
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
     preset = scenario.quick if args.quick else scenario.defaults
     given = {key: getattr(args, key, None) for key in SIZED}
     filled: dict[str, Any] = {key: preset.get(key) if value is None else value for key, value in given.items()}
@@ -211,4 +231,5 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         quick=args.quick,
         progress=not args.no_progress,
         distributed=args.distributed,
+        preset=args.preset,
     )

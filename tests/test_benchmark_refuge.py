@@ -296,3 +296,17 @@ def test_noise_options_reach_the_noisy_variants_and_spare_vanilla() -> None:
         assert optimizer.settings.consistency_weight == (0.5 if method.startswith("mt_cool") else 0)
     assert parse_args(SCENARIO, ["--quick"]).noise_scale == "absolute"
 
+
+
+def test_the_paper_preset_sets_the_papers_optimizer_and_explicit_flags_override_it() -> None:
+    from benchmarks import refuge
+    from benchmarks._scenario import parse_args
+
+    plain = parse_args(refuge.SCENARIO, ["--quick"])
+    assert (plain.optimizer, plain.lr, plain.preset) == ("adam", 2e-3, None)
+    paper = parse_args(refuge.SCENARIO, ["--quick", "--preset", "paper"])
+    assert (paper.optimizer, paper.lr, paper.bound, paper.samples, paper.schedule, paper.momentum) == (
+        "sgd", 0.1, 0.05, 1, "constant", 0.0)
+    assert paper.preset == "paper" and paper.seeds == plain.seeds  # run sizes are not the preset's business
+    mine = parse_args(refuge.SCENARIO, ["--quick", "--preset", "paper", "--lr", "0.05", "--samples", "2"])
+    assert (mine.optimizer, mine.lr, mine.samples) == ("sgd", 0.05, 2)
