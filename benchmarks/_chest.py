@@ -11,7 +11,7 @@ Two image-level tasks share one CT volume ``[1, D, H, W]`` (HU windowed to
 Sources:
 
 - :func:`synthetic_ct`: a documented generator that needs no download.
-  Prevalence: exactly :func:`benchmarks._skin.quota_counts` of
+  Prevalence: exactly :func:`benchmarks._images.quota_counts` of
   ``(negative, positive non-severe, severe)`` with :data:`COVID_FRACTION` =
   0.57 positive and :data:`SEVERE_FRACTION` = 1/6 of the positives severe
   (about 9.5 % of all scans), the shares the STOIC 2021 public training set
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -65,9 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks._images import ImageTasks, split_indices
+from benchmarks._images import ImageTasks, quota_counts, split_indices, stratified_subset
 from benchmarks._metaimage import read_mha
-from benchmarks._skin import quota_counts, stratified_subset
 
 __all__ = [
     "COVID_FRACTION",
@@ -409,7 +407,7 @@ def load_stoic(
         seed: fixes the split.
         limit: read at most this many scans (``None``: all): the first rows of
             each ``(covid, severe)`` group in file order, in their proportions
-            (:func:`benchmarks._skin.stratified_subset`), the same for every seed.
+            (:func:`benchmarks._images.stratified_subset`), the same for every seed.
             A full-resolution scan takes a few hundred MB while it is resampled.
 
     Raises:

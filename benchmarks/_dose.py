@@ -112,8 +112,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks._fundus import _smooth_noise
-from benchmarks._images import ImageTasks, split_indices
+from benchmarks._images import ImageTasks, smooth_noise, split_indices
 
 __all__ = [
     "CHANNELS",
@@ -375,7 +374,7 @@ def synthetic_slices(n: int, size: int = 64, *, seed: int = 0) -> tuple[Tensor, 
     oars = {name: mask & body for name, mask in oars.items()}
 
     # CT in HU: tissue by tissue, the OARs in reverse label priority so that each pixel shows its label's tissue
-    hu = torch.full((n, size, size), 45.0) + 15.0 * _smooth_noise(n, size, 5, g)[:, 0]
+    hu = torch.full((n, size, size), 45.0) + 15.0 * smooth_noise(n, size, 5, g)[:, 0]
     hu = torch.where(body_radius > 0.9, -90.0, hu)
     spine = ~cranial
     vertebra = radius(cord_x, cord_y - 0.2, 0.1, 0.1)
@@ -447,7 +446,7 @@ def synthetic_slices(n: int, size: int = 64, *, seed: int = 0) -> tuple[Tensor, 
         dose = dose * (1.0 - uniform(0.3, 0.5) * bump * fade)
     cap = torch.where(cranial, 54.0, 45.0) + 120.0 * serial_distance
     dose = torch.minimum(dose, cap)
-    dose = dose * (1.0 + 0.02 * _smooth_noise(n, size, 5, g)[:, 0].clamp(-1.0, 1.0))
+    dose = dose * (1.0 + 0.02 * smooth_noise(n, size, 5, g)[:, 0].clamp(-1.0, 1.0))
     dose = torch.where(body, dose.clamp_min(0.0), math.nan)
 
     inputs = torch.stack((ct, ptv_map(ptvs)), dim=1)

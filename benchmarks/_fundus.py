@@ -32,11 +32,10 @@ from typing import Final
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from benchmarks._images import ImageTasks, find_file, images_in, read_image, split_indices, to_tensor
+from benchmarks._images import ImageTasks, find_file, images_in, read_image, smooth_noise, split_indices, to_tensor
 
 __all__ = [
     "CDR_MEANS",
@@ -62,12 +61,6 @@ CDR_MEANS: Final[tuple[float, float]] = (0.40, 0.65)
 
 CDR_STD: Final[float] = 0.08
 """Standard deviation of the cup-to-disc ratio within each class."""
-
-
-def _smooth_noise(n: int, size: int, cells: int, generator: torch.Generator) -> Tensor:
-    """Low-frequency noise ``[n, 1, size, size]`` in about [-1, 1]: a coarse grid, bicubically upsampled."""
-    coarse = torch.rand(n, 1, cells, cells, generator=generator) * 2 - 1
-    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
 
 
 def synthetic_fundus(
@@ -126,7 +119,7 @@ def synthetic_fundus(
     disc_soft = torch.sigmoid((1.0 - disc_distance) / (edge / rx))
     cup_soft = torch.sigmoid((1.0 - cup_distance) / (edge / crx))
     radius2 = xx**2 + yy**2
-    light = 1.0 - 0.35 * radius2 + 0.08 * _smooth_noise(n, size, 6, g)[:, 0]
+    light = 1.0 - 0.35 * radius2 + 0.08 * smooth_noise(n, size, 6, g)[:, 0]
     background = torch.tensor([0.78, 0.33, 0.13]).view(1, 3, 1, 1) * light.unsqueeze(1)
     disc_colour = torch.tensor([0.95, 0.72, 0.42]).view(1, 3, 1, 1) * uniform(0.85, 1.0).unsqueeze(1)
     cup_gain = torch.tensor([0.05, 0.24, 0.40]).view(1, 3, 1, 1) * uniform(0.6, 1.0).unsqueeze(1)

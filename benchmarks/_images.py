@@ -10,6 +10,7 @@ Pillow, nothing is downloaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,22 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["IMAGE_SUFFIXES", "ImageTasks", "find_file", "images_in", "read_image", "split_indices", "to_tensor"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageTasks",
+    "find_file",
+    "images_in",
+    "quota_counts",
+    "read_image",
+    "smooth_noise",
+    "split_indices",
+    "stratified_subset",
+    "to_tensor",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
 """File suffixes the real-layout loaders accept (any case)."""
@@ -172,3 +185,51 @@ def split_indices(count: int, test_fraction: float, seed: int, strata: Sequence[
         test.extend(members[:n_test].tolist())
         train.extend(members[n_test:].tolist())
     return torch.tensor(sorted(train), dtype=torch.int64), torch.tensor(sorted(test), dtype=torch.int64)
+
+
+def smooth_noise(n: int, size: int, cells: int, generator: torch.Generator) -> Tensor:
+    """Low-frequency noise ``[n, 1, size, size]`` in about [-1, 1]: a coarse grid, bicubically upsampled."""
+    coarse = torch.rand(n, 1, cells, cells, generator=generator) * 2 - 1
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def quota_counts(total: int, weights: Sequence[float]) -> list[int]:
+    """Split ``total`` into integer counts proportional to ``weights`` (largest-remainder rounding).
+
+    The counts sum to ``total``; each is the floor of its exact share, and the
+    remaining units go to the largest fractional parts (ties: lower index first).
+
+    Example:
+        >>> quota_counts(100, (327, 514, 1099, 115, 1113, 6705, 142))
+        [3, 5, 11, 1, 11, 67, 2]
+    """
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    if not weights or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [math.floor(e) for e in exact]
+    order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def stratified_subset(strata: Sequence[int], limit: int) -> Tensor:
+    """Indices of at most ``limit`` entries, each stratum keeping its share (:func:`quota_counts`).
+
+    Each stratum keeps its *first* entries in the given order, so the subset is
+    the same for every seed and grows with ``limit``. Returns sorted int64 indices.
+
+    Example:
+        >>> stratified_subset([0, 0, 0, 1, 1, 1, 1, 1, 2, 2], 5).tolist()
+        [0, 1, 3, 4, 8]
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for everything), got {limit}")
+    values = sorted(set(strata))
+    counts = quota_counts(min(limit, len(strata)), [sum(1 for s in strata if s == v) for v in values])
+    keep: list[int] = []
+    for value, count in zip(values, counts):
+        keep.extend([i for i, s in enumerate(strata) if s == value][:count])
+    return torch.tensor(sorted(keep), dtype=torch.int64)

@@ -69,8 +69,16 @@ from typing import Final, NamedTuple
 import torch
 from torch import Tensor
 
-from benchmarks._fundus import _smooth_noise
-from benchmarks._images import ImageTasks, images_in, read_image, split_indices, to_tensor
+from benchmarks._images import (
+    ImageTasks,
+    images_in,
+    quota_counts,
+    read_image,
+    smooth_noise,
+    split_indices,
+    stratified_subset,
+    to_tensor,
+)
 
 __all__ = [
     "APPEARANCE",
@@ -96,48 +104,6 @@ DIAGNOSES: Final[tuple[str, ...]] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "
 
 HAM10000_COUNTS: Final[tuple[int, ...]] = (327, 514, 1099, 115, 1113, 6705, 142)
 """Images per diagnosis in the 10015 HAM10000 training images, in :data:`DIAGNOSES` order."""
-
-
-def quota_counts(total: int, weights: Sequence[float]) -> list[int]:
-    """Split ``total`` into integer counts proportional to ``weights`` (largest-remainder rounding).
-
-    The counts sum to ``total``; each is the floor of its exact share, and the
-    remaining units go to the largest fractional parts (ties: lower index first).
-
-    Example:
-        >>> quota_counts(100, HAM10000_COUNTS)
-        [3, 5, 11, 1, 11, 67, 2]
-    """
-    if total < 0:
-        raise ValueError(f"total must be >= 0, got {total}")
-    if not weights or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
-    exact = [total * w / sum(weights) for w in weights]
-    counts = [math.floor(e) for e in exact]
-    order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def stratified_subset(strata: Sequence[int], limit: int) -> Tensor:
-    """Indices of at most ``limit`` entries, each stratum keeping its share (:func:`quota_counts`).
-
-    Each stratum keeps its *first* entries in the given order, so the subset is
-    the same for every seed and grows with ``limit``. Returns sorted int64 indices.
-
-    Example:
-        >>> stratified_subset([0, 0, 0, 1, 1, 1, 1, 1, 2, 2], 5).tolist()
-        [0, 1, 3, 4, 8]
-    """
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1 (or None for everything), got {limit}")
-    values = sorted(set(strata))
-    counts = quota_counts(min(limit, len(strata)), [sum(1 for s in strata if s == v) for v in values])
-    keep: list[int] = []
-    for value, count in zip(values, counts):
-        keep.extend([i for i, s in enumerate(strata) if s == value][:count])
-    return torch.tensor(sorted(keep), dtype=torch.int64)
 
 
 def _draw_diagnoses(n: int, generator: torch.Generator) -> Tensor:
@@ -313,7 +279,7 @@ def synthetic_lesions(
         return (low + (high - low) * torch.rand(n, generator=g)).view(n, 1, 1)
 
     def noise(cells: int) -> Tensor:
-        return _smooth_noise(n, size, cells, g)[:, 0]
+        return smooth_noise(n, size, cells, g)[:, 0]
 
     coords = torch.linspace(-1.0, 1.0, size)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")

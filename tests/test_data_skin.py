@@ -21,11 +21,10 @@ from benchmarks._skin import (
     HAM10000_COUNTS,
     diagnosis_labels,
     load_ham10000,
-    quota_counts,
-    stratified_subset,
     synthetic_ham10000,
     synthetic_lesions,
 )
+from benchmarks._images import quota_counts, stratified_subset
 
 
 def test_documented_examples_run() -> None:
