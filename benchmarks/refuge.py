@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from benchmarks import _scenario, _unet
 from benchmarks._fundus import LAYOUT, REFUGE_CLASSES, TASKS, load_refuge, synthetic_refuge
 from benchmarks._images import ImageTasks
+from benchmarks._metrics import dice_iou
 from benchmarks._learners import Problem
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
 
@@ -122,7 +123,8 @@ def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> di
         targets: ``disc_cup`` masks ``[N, H, W]`` (0 background, 1 rim, 2 cup) and ``glaucoma`` labels ``[N]``.
 
     Returns:
-        Fractions in [0, 1] (AUROC too); Dice is computed per image and averaged.
+        Fractions in [0, 1] (AUROC too); Dice is computed per image and averaged (an image
+        whose true and predicted region are both empty scores 1: :func:`benchmarks._metrics.dice_iou`).
     """
     from torchmetrics.functional.classification import (
         binary_accuracy,
@@ -130,21 +132,16 @@ def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> di
         binary_recall,
         binary_specificity,
     )
-    from torchmetrics.functional.segmentation import dice_score
-
     predicted = outputs["disc_cup"].argmax(dim=1)
     mask = targets["disc_cup"]
-    # channels: disc (rim or cup), cup
-    pred_regions = torch.stack([predicted >= 1, predicted == 2], dim=1).long()
-    true_regions = torch.stack([mask >= 1, mask == 2], dim=1).long()
-    dice = dice_score(pred_regions, true_regions, num_classes=2, include_background=True, average="none",
-                      input_format="one-hot")
-    dice = torch.nan_to_num(dice.reshape(-1, 2), nan=0.0).mean(dim=0)
+    # per image; an image whose true and predicted region are both empty scores 1 (benchmarks._metrics)
+    dice_disc, _ = dice_iou(predicted >= 1, mask >= 1)
+    dice_cup, _ = dice_iou(predicted == 2, mask == 2)
     probability = outputs["glaucoma"].softmax(dim=1)[:, 1]
     label = targets["glaucoma"]
     return {
-        "dice_cup": float(dice[1]),
-        "dice_disc": float(dice[0]),
+        "dice_cup": float(dice_cup.mean()),
+        "dice_disc": float(dice_disc.mean()),
         "accuracy": float(binary_accuracy(probability, label)),
         "auroc": float(binary_auroc(probability, label)) if 0 < int(label.sum()) < label.numel() else float("nan"),
         "sensitivity": float(binary_recall(probability, label)),

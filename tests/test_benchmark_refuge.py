@@ -194,6 +194,13 @@ def test_dice_is_per_image_and_counts_the_cup_in_the_disc() -> None:
     )
     assert scores["dice_disc"] == pytest.approx(1.0)
     assert scores["dice_cup"] == pytest.approx(0.5)
+    # an image without a cup, and none predicted, is a right answer (it scored 0 before 0.3)
+    no_cup = torch.where(mask == 2, 1, mask)
+    scores = evaluate(
+        {"disc_cup": _one_hot_logits(no_cup, 3), "glaucoma": _one_hot_logits(labels, 2)},
+        {"disc_cup": no_cup, "glaucoma": labels},
+    )
+    assert scores["dice_cup"] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------
