@@ -123,9 +123,10 @@ class ScenarioConfig:
         return self.image_size
 
 
-def _parser(scenario: Scenario) -> argparse.ArgumentParser:
+def _parser(scenario: Scenario, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     d, q = scenario.defaults, scenario.quick
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{scenario.name}", description=scenario.description)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{scenario.name}", description=scenario.description,
+                                     parents=list(parents))
     add = parser.add_argument
     for key in SIZED:
         if key == "image_size" and key not in d:
@@ -144,6 +145,7 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     add("--schedule", choices=("constant", "cosine"), default=d.get("schedule", "constant"),
         help=f"learning-rate schedule, cosine = decay to 0 over the run (default {d.get('schedule', 'constant')})")
     offered = offered_methods(scenario.networks)
+    offered = d.get("methods", offered)
     add("--methods", type=method_list, default=None, help=f"comma list (default {','.join(offered)})")
     add("--bound", type=NON_NEGATIVE, default=d.get("bound", 0.05), help=f"MT-COOL bound b (default {d.get('bound', 0.05)})")
     add("--noise-bound", type=NON_NEGATIVE, default=None,
@@ -172,14 +174,20 @@ def _parser(scenario: Scenario) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> ScenarioConfig:
+def parse_args(
+    scenario: Scenario, argv: Sequence[str] | None = None, *, parents: Sequence[argparse.ArgumentParser] = ()
+) -> ScenarioConfig:
     """Parse the command line into a :class:`ScenarioConfig`, filling defaults (or ``--quick`` ones).
+
+    ``scenario.defaults`` (and ``quick``) may hold ``"methods"``, the scenario's default method list
+    in place of every offered method. ``parents``: ``argparse`` parsers (``add_help=False``) of a
+    scenario's own options, listed in ``--help`` and accepted here; the scenario reads their values.
 
     Raises:
         ValueError: for an image size off the scenario's multiple, a test fraction outside (0, 1), or
             methods the scenario does not offer (naming those it does).
     """
-    parser = _parser(scenario)
+    parser = _parser(scenario, parents)
     args = parser.parse_args(argv)
     if args.preset is not None:  # the preset replaces the defaults; explicit flags still win
         parser.set_defaults(**PRESETS[args.preset])
@@ -195,7 +203,8 @@ def parse_args(scenario: Scenario, argv: Sequence[str] | None = None) -> Scenari
         )
     if not 0.0 < args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), e.g. 0.25; got {args.test_fraction!r}")
-    methods = resolve_methods(args.methods, args.distributed, scenario.networks)
+    methods = resolve_methods(args.methods if args.methods is not None else preset.get("methods"), args.distributed,
+                              scenario.networks)
     if filled["warmup_epochs"] >= filled["epochs"] and set(methods) & set(COOPERATIVE_METHODS):
         print(
             f"warning: --warmup-epochs {filled['warmup_epochs']} >= --epochs {filled['epochs']}: "

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from benchmarks._cli import Launch, config_record, sharded_schedule
 from benchmarks._images import ImageTasks
 from benchmarks._learners import (
     COOPERATIVE_METHODS,
+    Batch,
     Learner,
     Problem,
     Training,
@@ -31,7 +32,7 @@ from benchmarks._summary import add_delta_m, markdown_table, summarise
 if TYPE_CHECKING:
     from benchmarks._scenario import Scenario, ScenarioConfig
 
-__all__ = ["SAMPLES", "SeedData", "Stream", "batch_schedule", "run_scenario", "streams_of"]
+__all__ = ["SAMPLES", "Probe", "ProbeFactory", "SeedData", "Stream", "batch_schedule", "run_scenario", "streams_of"]
 
 SeedData: TypeAlias = ImageTasks | Mapping[str, ImageTasks]
 """One seed's data: one :class:`ImageTasks` whose inputs every task shares, or one per task
@@ -42,6 +43,23 @@ Stream = tuple[tuple[str, ...], ImageTasks]
 
 SAMPLES: Final[int] = 3
 """Test inputs per stream kept for the samples figure."""
+
+
+class Probe(Protocol):
+    """Measures one method's training on one seed (:func:`run_scenario`'s ``probe``): it runs every
+    training step itself, so it can measure around it, and hands over its measures when training ends."""
+
+    def step(self, batches: Mapping[str, Batch]) -> dict[str, float]:
+        """Run the learner's ``train_step(batches)``, measuring around it; return its losses."""
+        ...
+
+    def finish(self) -> dict[str, Any]:
+        """The measures, after the last evaluation; the run's record keeps them under ``"probe"``."""
+        ...
+
+
+ProbeFactory: TypeAlias = Callable[[str, int, Learner, Sequence[Stream]], Probe | None]
+"""``probe(method, seed, learner, streams)``: a :class:`Probe` for that run, or ``None`` to train it unwatched."""
 
 
 def streams_of(data: SeedData, tasks: Sequence[str], device: str) -> list[Stream]:
@@ -129,7 +147,7 @@ def _predict(learner: Learner, streams: Sequence[Stream], batch: int, limit: int
 
 def _run(
     scenario: Scenario, method: str, config: ScenarioConfig, problem: Problem, streams: Sequence[Stream],
-    schedules: Sequence[Tensor], steps: int, seed: int, bar: Any, launch: Launch,
+    schedules: Sequence[Tensor], steps: int, seed: int, bar: Any, launch: Launch, probe: ProbeFactory | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Train ``method`` on one seed; return its record and its outputs on the first test inputs
     (with ``--distributed``: this rank's training, evaluated on rank 0 only)."""
@@ -137,6 +155,8 @@ def _run(
     started = time.perf_counter()
     learner = build_learner(method, problem, _training(config, seed, warmup_steps))
     learner.train(True)
+    watch = None if probe is None else probe(method, seed, learner, streams)
+    train_step = learner.train_step if watch is None else watch.step
     schedulers = (
         [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=config.epochs * steps) for o in learner.optimizers()]
         if config.schedule == "cosine"
@@ -154,7 +174,7 @@ def _run(
                 index = schedule[step]
                 x = data.train_x[index]
                 batches.update({task: (x, data.train_y[task][index]) for task in tasks})
-            losses = learner.train_step(batches)
+            losses = train_step(batches)
             for scheduler in schedulers:
                 scheduler.step()
             for task, loss in losses.items():
@@ -179,6 +199,8 @@ def _run(
         "test_sizes": {task: int(data.test_x.shape[0]) for tasks, data in streams for task in tasks},
         "wall_time_s": time.perf_counter() - started,
     }
+    if watch is not None:
+        record["probe"] = watch.finish()
     return record, samples
 
 
@@ -200,10 +222,11 @@ def _steps_and_schedules(
 
 
 def run_scenario(
-    scenario: Scenario, config: ScenarioConfig, launch: Launch = Launch()
+    scenario: Scenario, config: ScenarioConfig, launch: Launch = Launch(), probe: ProbeFactory | None = None
 ) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
     """Train every method on every seed; return the results and the first seed's sample outputs
     (on a rank other than 0 of a ``--distributed`` run, which only trains: two empty dictionaries).
+    ``probe`` may watch each run (:class:`Probe`); its measures land in the run's record.
 
     Raises:
         ValueError: for a method the scenario does not offer, empty seeds, or a ``problem`` whose
@@ -234,7 +257,8 @@ def run_scenario(
             steps, schedules = _steps_and_schedules(streams, config, seed, launch)
             for method in config.methods:
                 bar.set_postfix(method=method, seed=seed)
-                record, outputs = _run(scenario, method, config, problem, streams, schedules, steps, seed, bar, launch)
+                record, outputs = _run(scenario, method, config, problem, streams, schedules, steps, seed, bar, launch,
+                                       probe)
                 runs[method].append(record)
                 if seed == config.seeds[0]:
                     samples[method] = outputs

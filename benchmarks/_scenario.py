@@ -99,7 +99,8 @@ class Scenario:
         curve_metric: per task, the metric key plotted against the epoch.
         defaults: default values of the run-size options (``seeds``, ``epochs``, ``train_size``,
             ``test_size``, ``warmup_epochs``, ``batch_size``, ``optimizer``, ``lr``; optional ``schedule``,
-            ``bound``, and ``image_size``, whose flag exists only when it is given).
+            ``bound``, ``methods`` (the default method list, else every method the scenario offers), and
+            ``image_size``, whose flag exists only when it is given).
         quick: their ``--quick`` values.
         problem: ``problem(config, data)`` builds the networks and losses (``data``: the seed's data).
         load: ``load(config, seed)`` gives the data of one seed (:data:`benchmarks._runs.SeedData`).

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import adapters
 from benchmarks._learners import (
+    REGISTRY,
     COOPERATIVE_METHODS,
     DISTRIBUTED_METHODS,
     GRADIENT_METHODS,
@@ -123,15 +124,17 @@ def _network_problem() -> Problem:
 def test_table_order_and_families() -> None:
     assert METHODS == (
         "independent", "joint", "mtan", "ctan", "pcgrad", "mgda", "cagrad", "graddrop", "vanilla", "without_reg",
-        "mt_cool", "mt_cool_clean", "mtan_mt_cool", "ctan_vanilla", "ctan_without_reg", "ctan_mt_cool",
+        "mt_cool", "mt_cool_clean", "mt_cool_m2", "mt_cool_m4", "mt_cool_m2_l10", "mt_cool_m2_jacobi",
+        "mtan_mt_cool", "ctan_vanilla", "ctan_without_reg", "ctan_mt_cool",
     )
     assert dict(NETWORK_METHODS) == {"mtan": "mtan", "ctan": "ctan", "mtan_mt_cool": "mtan", "ctan_vanilla": "ctan",
                                      "ctan_without_reg": "ctan", "ctan_mt_cool": "ctan"}
     assert COOPERATIVE_METHODS["ctan_without_reg"] == ("without_reg", "mean")
     assert COOPERATIVE_METHODS["mt_cool_clean"] == ("mt_cool", "clean")
     assert set(DISTRIBUTED_METHODS) == set(METHODS) - set(GRADIENT_METHODS)
-    assert offered_methods(()) == tuple(m for m in METHODS if m not in NETWORK_METHODS)
-    assert offered_methods(["mtan"]) == tuple(m for m in METHODS if NETWORK_METHODS.get(m, "mtan") == "mtan")
+    assert offered_methods(()) == tuple(m for m in METHODS if m not in NETWORK_METHODS and not REGISTRY[m].opt_in)
+    assert offered_methods(["mtan"]) == tuple(
+        m for m in METHODS if NETWORK_METHODS.get(m, "mtan") == "mtan" and not REGISTRY[m].opt_in)
     assert [label(m) for m in ("independent", "joint", "ctan")] == ["independent (STL)", "joint (HPS)", "ctan"]
 
 

@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from benchmarks._learners._joint import build_network, check_hard_shared, encoder_of, heads_of
 from benchmarks._learners._problem import Batch, Problem, Training, count_parameters
 
-__all__ = ["CooperativeLearner", "Reference", "Variant", "missing_core_message"]
+__all__ = ["CooperativeLearner", "InnerBatches", "Reference", "UpdateOrder", "Variant", "missing_core_message"]
 
 Variant = Literal["vanilla", "without_reg", "mt_cool"]
 Reference = Literal["mean", "clean"]
+UpdateOrder = Literal["gauss_seidel", "jacobi"]
+InnerBatches = Literal["reuse", "fresh"]
 
 
 def missing_core_message(error: ImportError) -> str:
@@ -44,11 +46,19 @@ class CooperativeLearner:
         reference: its ``consistency_reference``.
         network: ``None`` for the channel-split ``Problem.multi_task`` network, else the
             ``Problem.networks`` key of the architecture to split (``"mtan"``, ``"ctan"``).
+        inner_batches: ``"reuse"``: each ``train_step`` is one outer iteration whose L inner steps
+            all use its batch (L times the steps of Joint). ``"fresh"``: after warm-up, one outer
+            iteration per L ``train_step`` calls, inner step l on the l-th call's batch
+            (``step([b_1, ..., b_L])``), so each task takes as many base steps on as many batches as
+            Joint; a call that only collects its batch returns the last outer iteration's losses, and
+            batches still collected when training ends are not trained on.
+        update_order: ``CooperativeOptimizer``'s ``update_order``.
     """
 
     def __init__(
         self, problem: Problem, training: Training, variant: Variant, reference: Reference = "mean",
-        network: str | None = None,
+        network: str | None = None, *, inner_batches: InnerBatches = "reuse",
+        update_order: UpdateOrder = "gauss_seidel",
     ) -> None:
         try:
             import adapters
@@ -98,13 +108,22 @@ class CooperativeLearner:
                 sliced_layers=training.sliced_layers,
                 seed=training.seed,
                 task_parameters=owned,
+                update_order=update_order,
             )
         self.num_parameters = count_parameters(self.model)
+        self.inner_batches: InnerBatches = inner_batches
+        self._collected: list[Mapping[str, Batch]] = []
 
     def train_step(self, batches: Mapping[str, Batch]) -> dict[str, float]:
-        report = self.optimizer.step(dict(batches))
+        report = self.optimizer.last_report
+        if self.inner_batches == "reuse" or self.optimizer.phase == "warmup":
+            report = self.optimizer.step(dict(batches))
+        else:
+            self._collected.append(dict(batches))
+            if len(self._collected) == self.optimizer.settings.inner_steps:
+                report, self._collected = self.optimizer.step(self._collected), []
         # A task skipped for a non-finite loss has no entry; record it as NaN.
-        return {task: float(report.losses.get(task, math.nan)) for task in batches}
+        return {task: math.nan if report is None else float(report.losses.get(task, math.nan)) for task in batches}
 
     def predict(self, x: Tensor, task: str) -> Tensor:
         prediction: Tensor = self.model(x, task)

@@ -10,6 +10,10 @@ A method is a learner family plus its options (docs/method.md, "Ablations"; docs
   trained by ``CooperativeOptimizer`` (``mt_cool_clean``: ``consistency_reference="clean"``).
 - ``mtan_mt_cool``, ``ctan_vanilla``, ``ctan_without_reg``, ``ctan_mt_cool``: the architecture of
   the prefix, split between the tasks, trained by ``CooperativeOptimizer`` with the suffix's variant.
+- opt-in settings variants of ``mt_cool``, run only when named (``--methods``, or a scenario's
+  ``defaults["methods"]``): ``mt_cool_m2``, ``mt_cool_m4`` (M = 2, 4 with the paper's mean
+  reference), ``mt_cool_m2_l10`` (M = 2, L = 10 inner steps with a fresh batch each) and
+  ``mt_cool_m2_jacobi`` (M = 2, ``update_order="jacobi"``).
 
 Under ``torch.distributed`` (a default process group of more than one rank), each rank passes its
 own shard of the batch: the Joint-like learners train through ``DistributedDataParallel``, the
@@ -21,12 +25,19 @@ gradient cannot average their per-task Jacobians.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 import torch
 
-from benchmarks._learners._cooperative import CooperativeLearner, Reference, Variant, missing_core_message
+from benchmarks._learners._cooperative import (
+    CooperativeLearner,
+    InnerBatches,
+    Reference,
+    UpdateOrder,
+    Variant,
+    missing_core_message,
+)
 from benchmarks._learners._gradient import GRADIENT_METHODS, GradientLearner, missing_torchjd_message
 from benchmarks._learners._independent import IndependentLearner
 from benchmarks._learners._joint import JointLearner
@@ -60,12 +71,23 @@ class MethodSpec:
             (and ``Problem.single_task`` for Independent).
         variant: ``CooperativeOptimizer``'s variant (cooperative family only).
         reference: its ``consistency_reference`` (cooperative family only).
+        samples: M for this method, overriding ``Training.samples`` (``None``: the run's).
+        inner_steps: L for this method, overriding ``Training.inner_steps`` (``None``: the run's).
+        inner_batches: ``"reuse"`` (every inner step reuses the step's batch) or ``"fresh"`` (one
+            outer iteration per L training steps, inner step l on the l-th step's batch).
+        update_order: ``CooperativeOptimizer``'s ``update_order``.
+        opt_in: left out of the default method list (:func:`offered_methods`); runs when named.
     """
 
     family: Literal["independent", "joint", "gradient", "cooperative"]
     network: str | None = None
     variant: Variant = "mt_cool"
     reference: Reference = "mean"
+    samples: int | None = None
+    inner_steps: int | None = None
+    inner_batches: InnerBatches = "reuse"
+    update_order: UpdateOrder = "gauss_seidel"
+    opt_in: bool = False
 
 
 REGISTRY: Final[Mapping[str, MethodSpec]] = {
@@ -78,6 +100,10 @@ REGISTRY: Final[Mapping[str, MethodSpec]] = {
     "without_reg": MethodSpec("cooperative", variant="without_reg"),
     "mt_cool": MethodSpec("cooperative", variant="mt_cool"),
     "mt_cool_clean": MethodSpec("cooperative", variant="mt_cool", reference="clean"),
+    "mt_cool_m2": MethodSpec("cooperative", samples=2, opt_in=True),
+    "mt_cool_m4": MethodSpec("cooperative", samples=4, opt_in=True),
+    "mt_cool_m2_l10": MethodSpec("cooperative", samples=2, inner_steps=10, inner_batches="fresh", opt_in=True),
+    "mt_cool_m2_jacobi": MethodSpec("cooperative", samples=2, update_order="jacobi", opt_in=True),
     "mtan_mt_cool": MethodSpec("cooperative", network="mtan", variant="mt_cool"),
     "ctan_vanilla": MethodSpec("cooperative", network="ctan", variant="vanilla"),
     "ctan_without_reg": MethodSpec("cooperative", network="ctan", variant="without_reg"),
@@ -101,7 +127,11 @@ NETWORK_METHODS: Final[Mapping[str, str]] = {
 DISTRIBUTED_METHODS: Final[tuple[str, ...]] = tuple(m for m in METHODS if m not in GRADIENT_METHODS)
 """Methods that train under ``torch.distributed``."""
 
-METHOD_LABELS: Final[Mapping[str, str]] = {"independent": "independent (STL)", "joint": "joint (HPS)"}
+METHOD_LABELS: Final[Mapping[str, str]] = {
+    "independent": "independent (STL)", "joint": "joint (HPS)", "mt_cool_m2": "mt_cool (M=2)",
+    "mt_cool_m4": "mt_cool (M=4)", "mt_cool_m2_l10": "mt_cool (M=2, L=10 fresh)",
+    "mt_cool_m2_jacobi": "mt_cool (M=2, Jacobi)",
+}
 """Table labels that differ from the method name (the JSON keeps the names)."""
 
 
@@ -110,15 +140,17 @@ def label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
-def offered_methods(networks: Iterable[str]) -> tuple[str, ...]:
-    """The methods a problem with these ``Problem.networks`` names can train, in table order.
+def offered_methods(networks: Iterable[str], *, opt_in: bool = False) -> tuple[str, ...]:
+    """The methods a problem with these ``Problem.networks`` names can train, in table order
+    (the default method list; ``opt_in=True`` adds the ``MethodSpec.opt_in`` ones).
 
     Example:
         >>> offered_methods(["ctan"])[:5]
         ('independent', 'joint', 'ctan', 'pcgrad', 'mgda')
     """
     names = set(networks)
-    return tuple(m for m, spec in REGISTRY.items() if spec.network is None or spec.network in names)
+    return tuple(m for m, spec in REGISTRY.items()
+                 if (spec.network is None or spec.network in names) and (opt_in or not spec.opt_in))
 
 
 def check_offered(methods: Sequence[str], networks: Iterable[str]) -> None:
@@ -129,7 +161,7 @@ def check_offered(methods: Sequence[str], networks: Iterable[str]) -> None:
     """
     names = sorted(set(networks))
     offered = offered_methods(names)
-    refused = [m for m in methods if m in REGISTRY and m not in offered]
+    refused = [m for m in methods if m in REGISTRY and m not in offered_methods(names, opt_in=True)]
     if refused:
         needed = sorted({NETWORK_METHODS[m] for m in refused})
         raise ValueError(
@@ -207,4 +239,7 @@ def build_learner(method: str, problem: Problem, training: Training) -> Learner:
         return JointLearner(problem, training, spec.network)
     if spec.family == "gradient":
         return GradientLearner(problem, training, method)
-    return CooperativeLearner(problem, training, spec.variant, spec.reference, spec.network)
+    training = replace(training, samples=spec.samples or training.samples,
+                       inner_steps=spec.inner_steps or training.inner_steps)
+    return CooperativeLearner(problem, training, spec.variant, spec.reference, spec.network,
+                              inner_batches=spec.inner_batches, update_order=spec.update_order)
