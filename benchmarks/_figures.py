@@ -5,7 +5,8 @@
   test curve (the even/odd figure);
 - ``"curves"`` (``<name>_curves.png``): training loss and one test metric per task against the epoch;
 - ``"samples"`` (``<name>_samples.png``): the first test inputs, their ground truth and every
-  method's prediction of the pixel-level tasks (first seed).
+  method's prediction of the pixel-level tasks (first seed); without pixel-level tasks, the
+  inputs and a table of every method's captions of the image-level tasks.
 """
 
 from __future__ import annotations
@@ -158,7 +159,49 @@ def input_image(x: Tensor) -> npt.NDArray[np.float32]:
     return image
 
 
+def _plot_captions(scenario: Scenario, samples: Mapping[str, Mapping[str, Tensor]], path: Path) -> None:
+    """Image-level tasks only: the first test inputs of each stream, captioned with their ground truth, above a
+    table of every method's captions (one row per method, one column per input)."""
+    images = samples["image"]
+    methods = [m for m in samples if m not in ("image", "ground truth")]
+    streams: list[list[str]] = []  # tasks that share one input tensor
+    for task in scenario.tasks:
+        same = next((s for s in streams if images[s[0]].equal(images[task])), None)
+        if same is None:
+            streams.append([task])
+        else:
+            same.append(task)
+    inputs = [(tasks, index) for tasks in streams for index in range(images[tasks[0]].shape[0])]
+
+    def captions(source: str, tasks: Sequence[str], index: int) -> str:
+        return ", ".join(scenario.caption(t, samples[source][t][index]) for t in tasks)
+
+    figure = Figure(figsize=(max(6.0, 2.6 * len(inputs) + 1.6), 2.6 + 0.22 * (len(methods) + 1)), layout="constrained")
+    grid = figure.add_gridspec(2, len(inputs), height_ratios=[2.2, 0.22 * (len(methods) + 1)])
+    for column, (tasks, index) in enumerate(inputs):
+        axis = figure.add_subplot(grid[0, column])
+        axis.imshow(input_image(images[tasks[0]][index]))
+        axis.set_title(f"#{index}", fontsize=8)
+        axis.set_xlabel(captions("ground truth", tasks, index), fontsize=7)
+        _bare(axis)
+    axis = figure.add_subplot(grid[1, :])
+    axis.axis("off")
+    if methods:
+        table = axis.table(
+            cellText=[[captions(m, tasks, index) for tasks, index in inputs] for m in methods],
+            rowLabels=[label(m) for m in methods], colLabels=[f"#{index}" for _, index in inputs],
+            loc="center", cellLoc="center",
+        )
+        table.auto_set_font_size(False)
+        table.set_fontsize(7)
+    figure.suptitle(f"{scenario.title}: first test inputs (ground truth below each), first seed", fontsize=9)
+    figure.savefig(path, dpi=110)
+
+
 def _plot_samples(scenario: Scenario, samples: Mapping[str, Mapping[str, Tensor]], path: Path) -> None:
+    if not scenario.pixel_tasks:
+        _plot_captions(scenario, samples, path)
+        return
     if scenario.draw is None:
         raise ValueError(f"scenario {scenario.name!r} has no draw function for its samples figure")
     images = samples["image"]

@@ -14,7 +14,9 @@ epoch, a progress bar, the markdown table with Δm against Independent
   (``"bars"``), or grouped bars beside the test curves (``"overview"``);
 - ``<name>_curves.png``: training loss and one test metric per task against the epoch;
 - ``<name>_samples.png``: the first test images, their ground truth and every
-  method's prediction of the pixel-level tasks (first seed), like the MT-COOL paper's Fig. 2.
+  method's prediction of the pixel-level tasks (first seed), like the MT-COOL paper's Fig. 2;
+  with image-level tasks only, the inputs (middle slice of a volume) and a table of every
+  method's captions.
 
 Data (:data:`benchmarks._runs.SeedData`): one :class:`benchmarks._images.ImageTasks`
 when every task sees the same inputs (``{task: (x, y_task)}`` with one ``x``), or one
@@ -110,6 +112,7 @@ class Scenario:
         layout: the real dataset's folder layout, for ``--help`` and errors.
         pixel_tasks: tasks whose outputs are maps ``[N, C, *spatial]`` (segmentation logits,
             regression maps), drawn in the samples figure; the others are image-level (captioned).
+            Empty: the samples figure captions the inputs alone (give ``caption``).
         networks: the ``Problem.networks`` names ``problem`` builds (``"mtan"``, ``"ctan"``), so
             ``--methods`` can offer their methods before any data is loaded.
         draw: ``draw(task, output_or_target)`` -> ``[H, W, 3]`` float image of a pixel-level task;
@@ -166,10 +169,15 @@ class Scenario:
                 f"Scenario {self.name!r}: figures {list(self.figures)}: choose from {list(FIGURES)}, with at most one "
                 "of 'bars' and 'overview' (both write <name>.png)"
             )
-        if "samples" in self.figures and (not self.pixel_tasks or self.draw is None):
+        if "samples" in self.figures and self.pixel_tasks and self.draw is None:
             raise ValueError(
-                f"Scenario {self.name!r}: the 'samples' figure draws pixel_tasks with draw; give both or leave "
+                f"Scenario {self.name!r}: the 'samples' figure draws pixel_tasks with draw; give draw or leave "
                 "'samples' out of figures"
+            )
+        if "samples" in self.figures and not self.pixel_tasks and self.caption is _no_caption:
+            raise ValueError(
+                f"Scenario {self.name!r}: without pixel_tasks the 'samples' figure shows each test input with "
+                "every method's caption of its image-level tasks; give caption or leave 'samples' out of figures"
             )
 
     def flag(self, key: str) -> str:
