@@ -162,7 +162,10 @@ def _run(
         if config.schedule == "cosine"
         else []
     )
-    targets = {task: data.test_y[task].cpu() for tasks, data in streams for task in tasks}
+    # evaluation-only targets (e.g. openkbp's "ptv" for the DVH score) reach evaluate too; each task's own
+    # targets come from its own stream
+    targets = {key: y.cpu() for _, data in streams for key, y in data.test_y.items() if key not in scenario.tasks}
+    targets.update({task: data.test_y[task].cpu() for tasks, data in streams for task in tasks})
     train_loss: dict[str, list[float]] = {task: [] for task in scenario.tasks}
     test_metrics: dict[str, list[float]] = {metric.key: [] for metric in scenario.metrics}
     metrics: dict[str, float] = {}
