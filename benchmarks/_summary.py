@@ -9,14 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks._delta_m import delta_m, kept_metrics
 from benchmarks._learners import label
+from benchmarks._stats import paired_difference_ci
 
 if TYPE_CHECKING:
     from benchmarks._scenario import Metric
 
-__all__ = ["BASELINE", "add_delta_m", "markdown_table", "mean_std", "summarise"]
+__all__ = ["BASELINE", "REFERENCE", "add_delta_m", "markdown_table", "mean_std", "summarise"]
 
 BASELINE = "independent"
 """The method Δm is measured against (single-task learning)."""
+
+REFERENCE = "joint"
+"""The method every other one is compared with seed by seed (hard parameter sharing)."""
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
@@ -57,16 +61,39 @@ def _means(summary: Mapping[str, Any]) -> dict[str, float | None]:
     return {key: value["mean"] for key, value in summary["metrics"].items()}
 
 
+def _seed_means(summary: Mapping[str, Any], seed: int) -> dict[str, float | None]:
+    return {key: value["per_seed"][seed] for key, value in summary["metrics"].items()}
+
+
 def add_delta_m(summaries: Mapping[str, dict[str, Any]], metrics: Sequence[Metric]) -> list[str] | None:
     """Set every summary's ``delta_m`` against :data:`BASELINE` (NaN when it was not run); return the keys
-    of the metrics Δm averaged over, ``None`` without the baseline."""
+    of the metrics Δm averaged over, ``None`` without the baseline.
+
+    Also sets ``delta_m_per_seed`` (seed s of the method against seed s of the baseline: the runs of one
+    seed share initialisation, data and batches) and, when :data:`REFERENCE` ran too,
+    ``delta_m_vs_joint``: the paired bootstrap 95 % interval (:func:`benchmarks._stats.paired_difference_ci`)
+    of the per-seed Δm difference to Joint, ``{"mean", "low", "high", "n"}`` (low and high NaN below two seeds).
+    """
     if BASELINE not in summaries:
         for summary in summaries.values():
             summary["delta_m"] = math.nan
         return None
     baseline = _means(summaries[BASELINE])
+    seeds = len(summaries[BASELINE]["runs"])
     for summary in summaries.values():
         summary["delta_m"] = delta_m(_means(summary), baseline, metrics)
+        summary["delta_m_per_seed"] = [
+            delta_m(_seed_means(summary, s), _seed_means(summaries[BASELINE], s), metrics) for s in range(seeds)
+        ]
+    if REFERENCE in summaries:
+        reference = summaries[REFERENCE]["delta_m_per_seed"]
+        for method, summary in summaries.items():
+            if method == REFERENCE:
+                continue
+            interval = paired_difference_ci(summary["delta_m_per_seed"], reference)
+            summary["delta_m_vs_joint"] = {
+                "mean": interval.estimate, "low": interval.low, "high": interval.high, "n": interval.n,
+            }
     return kept_metrics(baseline, metrics)
 
 
@@ -82,15 +109,30 @@ def _delta_cell(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:+.2f}"
 
 
+def _versus_cell(interval: Mapping[str, Any] | None) -> str:
+    if interval is None:
+        return "–"
+    mean, low, high = interval["mean"], interval["low"], interval["high"]
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return f"{mean:+.2f}"
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def markdown_table(metrics: Sequence[Metric], summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """The results laid out like the papers' tables: one row per method, Params relative to Joint, Δm (%)
-    against Independent last ("n/a" when Independent was not run)."""
+    against Independent ("n/a" when Independent was not run) and, when Joint ran, the per-seed Δm
+    difference to Joint with its paired bootstrap 95 % interval (a single value below two seeds)."""
+    versus = REFERENCE in summaries and BASELINE in summaries
     rows = [
-        "| method | params | " + " | ".join(metric.header for metric in metrics) + " | Δm (%) |",
-        "|---|---:|" + "---:|" * (len(metrics) + 1),
+        "| method | params | " + " | ".join(metric.header for metric in metrics) + " | Δm (%) |"
+        + (" Δm − joint [95 % CI] |" if versus else ""),
+        "|---|---:|" + "---:|" * (len(metrics) + 1 + int(versus)),
     ]
     for method, summary in summaries.items():
         cells = [_cell(metric, summary["metrics"][metric.key]) for metric in metrics]
         rows.append(f"| {label(method)} | {summary['params_ratio']:.2f} | " + " | ".join(cells)
-                    + f" | {_delta_cell(summary.get('delta_m'))} |")
+                    + f" | {_delta_cell(summary.get('delta_m'))} |"
+                    + (f" {_versus_cell(summary.get('delta_m_vs_joint'))} |" if versus else ""))
     return "\n".join(rows)

@@ -269,7 +269,8 @@ def _check_results(results: dict[str, Any], out_dir: Path, methods: tuple[str, .
             relative = [(summary["metrics"][k]["mean"] - base[k]["mean"]) / base[k]["mean"] for k in keys]
             assert summary["delta_m"] == pytest.approx(100 * sum(relative) / len(keys), abs=1e-9)
             assert f"| {summary['delta_m']:+.2f} |" in on_disk["table"]
-    assert on_disk["table"].splitlines()[0] == "| method | params | even acc (%) | odd acc (%) | Δm (%) |"
+    versus = " Δm − joint [95 % CI] |" if {"independent", "joint"} <= set(on_disk["methods"]) else ""
+    assert on_disk["table"].splitlines()[0] == "| method | params | even acc (%) | odd acc (%) | Δm (%) |" + versus
     assert (out_dir / "even_odd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -90,11 +90,32 @@ def test_every_summary_gets_delta_m_and_the_table_its_column() -> None:
     assert summaries["independent"]["delta_m"] == 0.0
     assert summaries["joint"]["delta_m"] == pytest.approx((0.0 + 0.0 + 50.0) / 3)  # acc mean 0.8, err halved
     table = markdown_table(METRICS, summaries)
-    assert table.splitlines()[0] == "| method | params | Acc (%) | Dice (%) | Dose error (Gy) | Δm (%) |"
+    assert table.splitlines()[0] == (
+        "| method | params | Acc (%) | Dice (%) | Dose error (Gy) | Δm (%) | Δm − joint [95 % CI] |")
     independent = "| independent (STL) | 2.00 | 80.00 ± 0.00 | 50.00 ± 0.00 | 2.000 ± 0.000 |"
     assert table.splitlines()[2].startswith(independent)
-    assert table.splitlines()[2].endswith("| +0.00 |") and table.splitlines()[3].endswith("| +16.67 |")
+    assert table.splitlines()[2].endswith("| +0.00 | -16.67 [-20.83, -12.50] |")  # per seed 20.83 and 12.50
+    assert table.splitlines()[3].endswith("| +16.67 | – |")
     assert table.splitlines()[3].startswith("| joint (HPS) |")
+
+
+def test_delta_m_is_also_paired_per_seed_with_an_interval_against_joint() -> None:
+    summaries = {
+        "independent": summarise(METRICS, [_run(0.8, 2.0), _run(0.6, 2.0), _run(0.5, 1.0)], 5),
+        "joint": summarise(METRICS, [_run(0.8, 1.0), _run(0.6, 2.0), _run(0.5, 1.0)], 5),
+        "other": summarise(METRICS, [_run(0.4, 2.0), _run(0.9, 2.0), _run(0.5, 2.0)], 5),
+    }
+    add_delta_m(summaries, METRICS)
+    # seed by seed against independent's same seed: acc, dice (always 0.5: 0) and err, over 3 metrics
+    assert summaries["joint"]["delta_m_per_seed"] == pytest.approx([50 / 3, 0.0, 0.0])
+    assert summaries["other"]["delta_m_per_seed"] == pytest.approx([-50 / 3, 50 / 3, -100 / 3])
+    versus = summaries["other"]["delta_m_vs_joint"]
+    assert versus["n"] == 3 and versus["mean"] == pytest.approx((-100 / 3 + 50 / 3 - 100 / 3) / 3)
+    assert versus["low"] < versus["mean"] < versus["high"]
+    assert "delta_m_vs_joint" not in summaries["joint"]
+    one_seed = {m: summarise(METRICS, [_run(0.8, 2.0)], 5) for m in ("independent", "joint")}
+    add_delta_m(one_seed, METRICS)
+    assert markdown_table(METRICS, one_seed).splitlines()[2].endswith("| +0.00 | +0.00 |")  # no interval
 
 
 def test_without_independent_delta_m_is_not_available() -> None:
