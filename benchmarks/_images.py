@@ -110,6 +110,13 @@ class ImageTasks:
         test_x, test_y = pick(self.test_x, self.test_y, test)
         return ImageTasks(train_x, train_y, test_x, test_y, self.source)
 
+    def capped(self, train_size: int | None, test_size: int | None) -> ImageTasks:
+        """A copy keeping the first ``train_size`` / ``test_size`` examples of each split (``None``: all);
+        how the scenarios cap real data to their ``--train-size`` / ``--test-size``."""
+        train = None if train_size is None else torch.arange(min(train_size, self.train_x.shape[0]))
+        test = None if test_size is None else torch.arange(min(test_size, self.test_x.shape[0]))
+        return self.select(train, test)
+
 
 def to_tensor(image: Image.Image, size: int, *, mask: bool = False) -> Tensor:
     """A Pillow image resized to ``size x size``: ``[3, S, S]`` float in [0, 1], or ``[S, S]`` uint8 for masks.

@@ -187,9 +187,7 @@ def _load(config: ScenarioConfig, seed: int) -> ImageTasks:
     if config.data_dir is None:
         return synthetic_ham10000(config.train_size or 1, config.test_size or 1, config.side, seed=seed)
     data = load_ham10000(config.data_dir, config.side, test_fraction=config.test_fraction, seed=seed)
-    train = None if config.train_size is None else torch.arange(min(config.train_size, data.train_x.shape[0]))
-    test = None if config.test_size is None else torch.arange(min(config.test_size, data.test_x.shape[0]))
-    return data.select(train, test)
+    return data.capped(config.train_size, config.test_size)
 
 
 def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, float]:

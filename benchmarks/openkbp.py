@@ -216,9 +216,7 @@ def _load(config: ScenarioConfig, seed: int) -> ImageTasks:
         data = synthetic_openkbp(config.train_size or 1, config.test_size or 1, config.side, seed=seed)
     else:
         data = load_openkbp(config.data_dir, config.side, test_fraction=config.test_fraction, seed=seed)
-        train = None if config.train_size is None else torch.arange(min(config.train_size, data.train_x.shape[0]))
-        test = None if config.test_size is None else torch.arange(min(config.test_size, data.test_x.shape[0]))
-        data = data.select(train, test)
+        data = data.capped(config.train_size, config.test_size)
     return _with_ptv(data)
 
 

@@ -156,9 +156,7 @@ def _load(config: ScenarioConfig, seed: int) -> ImageTasks:
     # read no more scans than the two caps need (full-resolution CT volumes are large)
     limit = None if config.train_size is None or config.test_size is None else config.train_size + config.test_size
     data = load_stoic(config.data_dir, config.side, test_fraction=config.test_fraction, seed=seed, limit=limit)
-    train = None if config.train_size is None else torch.arange(min(config.train_size, data.train_x.shape[0]))
-    test = None if config.test_size is None else torch.arange(min(config.test_size, data.test_x.shape[0]))
-    return data.select(train, test)
+    return data.capped(config.train_size, config.test_size)
 
 
 def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, float]:
