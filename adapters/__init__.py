@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from adapters._heads import Classification, FedClassifier, PooledClassifier, Segmentation, TaskSpec
+from adapters._heads import Classification, Deepest, FedClassifier, PooledClassifier, Segmentation, TaskSpec
 from adapters._multitask import MultiTaskModel, TaskModel, export, make_tasks, multitask
 from adapters._rules import SplitRule, split_rule
 from adapters._split import (
@@ -34,6 +34,7 @@ from adapters._split import (
 __all__ = [
     "ChannelSplit",
     "Classification",
+    "Deepest",
     "FedClassifier",
     "MultiTaskModel",
     "PlannedSplit",

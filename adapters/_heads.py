@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-__all__ = ["Classification", "FedClassifier", "PooledClassifier", "Segmentation", "TaskSpec"]
+__all__ = ["Classification", "Deepest", "FedClassifier", "PooledClassifier", "Segmentation", "TaskSpec"]
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,14 @@ def select(features: Any, index: Sequence[int]) -> Tensor:
 
 
 class Deepest(nn.Module):
-    """Runs ``head`` on one entry of the encoder's output (``features[index...]``)."""
+    """Runs ``head`` on one entry of a multi-scale encoder's output (``features[index...]``; the default
+    ``(-1,)``: the deepest feature map), so a head written for one tensor sits on a UNet-style encoder.
+
+    Example:
+        >>> head = Deepest(torch.nn.Flatten())
+        >>> tuple(head([torch.ones(1, 2, 4, 4), torch.ones(1, 3, 2, 2)]).shape)
+        (1, 12)
+    """
 
     def __init__(self, head: nn.Module, index: Sequence[int] = (-1,)) -> None:
         super().__init__()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapters import PooledClassifier
-from adapters._heads import Deepest
+from adapters import Deepest
 from architectures._backbone import ConvNormAct, layers
 from architectures._specs import ImageTask, PixelTask, TaskSpec
 
