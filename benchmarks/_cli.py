@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -20,7 +21,7 @@ from benchmarks._learners import DISTRIBUTED_METHODS, METHODS, check_distributed
 
 __all__ = ["NON_NEGATIVE", "NON_NEGATIVE_INT", "POSITIVE", "POSITIVE_INT", "TORCHRUN_VARIABLES", "Launch",
            "add_distributed_flag", "config_record", "distributed_launch", "finite", "method_list", "number", "resolve_device",
-           "resolve_methods", "sharded_schedule"]
+           "resolve_methods", "run_command", "sharded_schedule"]
 
 
 def number(kind: Callable[[str], Any], minimum: float, inclusive: bool, what: str) -> Callable[[str], Any]:
@@ -211,6 +212,17 @@ def sharded_schedule(size: int, batch_size: int, steps: int, seed: int, launch: 
         passes.append(torch.tensor(list(sampler), dtype=torch.int64))
         drawn += passes[-1].numel()
     return torch.cat(passes)[:needed].view(steps, batch_size)
+
+
+def run_command(main: Callable[[], object], prog: str) -> int:
+    """Run a benchmark's ``main``: configuration errors (``ValueError``, ``FileNotFoundError``,
+    ``RuntimeError``) become one line ``<prog>: error: ...`` on stderr and exit status 2; success is 0."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def config_record(config: Any) -> dict[str, Any]:

@@ -4,8 +4,10 @@
 - ``"overview"`` (``<name>.png``): every metric as grouped bars per method beside each task's
   test curve (the even/odd figure);
 - ``"curves"`` (``<name>_curves.png``): training loss and one test metric per task against the epoch;
-- ``"samples"`` (``<name>_samples.png``): the first test inputs, their ground truth and every
-  method's prediction of the pixel-level tasks (first seed); without pixel-level tasks, the
+- ``"samples"`` (``<name>_samples.png``): three test inputs, their ground truth and every
+  method's prediction of the pixel-level tasks (first seed): the images at the quartiles of
+  Independent's per-image score where the scenario gives ``sample_score`` (the MT-COOL paper's
+  Fig. 2), else the first test inputs; without pixel-level tasks, the
   inputs and a table of every method's captions of the image-level tasks.
 """
 
@@ -23,6 +25,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from benchmarks._learners import label
+from benchmarks._runs import QUARTILES
 from benchmarks._summary import mean_std
 
 if TYPE_CHECKING:
@@ -198,7 +201,9 @@ def _plot_captions(scenario: Scenario, samples: Mapping[str, Mapping[str, Tensor
     figure.savefig(path, dpi=110)
 
 
-def _plot_samples(scenario: Scenario, samples: Mapping[str, Mapping[str, Tensor]], path: Path) -> None:
+def _plot_samples(scenario: Scenario, samples: Mapping[str, Mapping[str, Tensor]], path: Path,
+                  selection: Mapping[str, Any] | None = None) -> None:
+    indices = None if selection is None else selection.get("indices")
     if not scenario.pixel_tasks:
         _plot_captions(scenario, samples, path)
         return
@@ -214,7 +219,10 @@ def _plot_samples(scenario: Scenario, samples: Mapping[str, Mapping[str, Tensor]
     image_level = [task for task in scenario.tasks if task not in scenario.pixel_tasks]
     for row, (index, task) in enumerate(rows):
         axes[row][0].imshow(input_image(images[task][index]))
-        axes[row][0].set_ylabel(f"#{index} {task}", fontsize=7)
+        name = f"#{index}" if indices is None else f"#{indices[index]}"
+        if indices is not None and len(indices) == len(QUARTILES):
+            name += f" (q{round(100 * QUARTILES[index])})"
+        axes[row][0].set_ylabel(f"{name} {task}", fontsize=7)
         same_input = [t for t in image_level if images[t].equal(images[task])]  # tasks of the same stream
         for column, method in enumerate(columns, start=1):
             axis = axes[row][column]
@@ -226,7 +234,9 @@ def _plot_samples(scenario: Scenario, samples: Mapping[str, Mapping[str, Tensor]
                 axis.set_xlabel(caption, fontsize=6)
     for axis in axes.ravel():
         _bare(axis)
-    figure.suptitle(f"{scenario.title}: first test images, first seed", fontsize=9)
+    shown = ("first test images" if indices is None else
+             "images at the quartiles of Independent's per-image score")
+    figure.suptitle(f"{scenario.title}: {shown}, first seed", fontsize=9)
     figure.savefig(path, dpi=110)
 
 
@@ -248,4 +258,4 @@ def write_figures(
         elif kind == "curves":
             _plot_curves(scenario, results, paths[kind])
         elif kind == "samples":
-            _plot_samples(scenario, samples, paths[kind])
+            _plot_samples(scenario, samples, paths[kind], results.get("samples"))

@@ -117,6 +117,49 @@ class ImageTasks:
         test = None if test_size is None else torch.arange(min(test_size, self.test_x.shape[0]))
         return self.select(train, test)
 
+    def validation_split(self, fraction: float, seed: int) -> ImageTasks:
+        """A copy for model selection: ``fraction`` of the *training* examples held out as its test split,
+        the rest as its training split; the test split of ``self`` is never read.
+
+        The split is :func:`split_indices` with ``seed``, stratified on the first task (in ``train_y``
+        order) whose targets are int64 image-level labels ``[N]`` where there is one (every class keeps
+        at least one example on each side), else unstratified; the same seed gives the same split.
+        Targets that only the test split has (evaluation-only ones) cannot be carved out of the
+        training data and are absent from the result.
+
+        Args:
+            fraction: share of the training examples held out, in (0, 1).
+            seed: seeds the split.
+
+        Raises:
+            ValueError: for ``fraction`` outside (0, 1), fewer than 2 training examples, or a split that
+                leaves one side empty.
+
+        Example:
+            >>> data = ImageTasks(torch.zeros(8, 1, 4, 4), {"digit": torch.arange(8) % 2},
+            ...                   torch.ones(2, 1, 4, 4), {"digit": torch.tensor([0, 1])}, "synthetic")
+            >>> held = data.validation_split(0.25, seed=0)
+            >>> held.train_x.shape[0], sorted(held.test_y["digit"].tolist()), bool(held.test_x.any())
+            (6, [0, 1], False)
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), e.g. 0.25 (the share of training examples held out), "
+                             f"got {fraction!r}")
+        count = int(self.train_x.shape[0])
+        if count < 2:
+            raise ValueError(f"the training split has {count} example(s); a validation split needs at least 2")
+        labels = next((y for y in self.train_y.values() if y.dtype == torch.int64 and y.ndim == 1), None)
+        fit, held = split_indices(count, fraction, seed, None if labels is None else labels.tolist())
+        if not fit.numel() or not held.numel():
+            raise ValueError(f"fraction={fraction!r} of {count} training examples leaves {fit.numel()} to train on and "
+                             f"{held.numel()} to validate on; give a fraction nearer 0.5 or more training examples")
+        fit, held = fit.to(self.train_x.device), held.to(self.train_x.device)
+        return ImageTasks(
+            self.train_x[fit], {task: y[fit] for task, y in self.train_y.items()},
+            self.train_x[held], {task: y[held] for task, y in self.train_y.items()},
+            f"{self.source} (validation split of the training data)",
+        )
+
 
 def to_tensor(image: Image.Image, size: int, *, mask: bool = False) -> Tensor:
     """A Pillow image resized to ``size x size``: ``[3, S, S]`` float in [0, 1], or ``[S, S]`` uint8 for masks.

@@ -19,7 +19,7 @@ from benchmarks._cli import (
     resolve_device,
     resolve_methods,
 )
-from benchmarks._learners import COOPERATIVE_METHODS, offered_methods
+from benchmarks._learners import COOPERATIVE_METHODS, InnerBatches, offered_methods
 
 if TYPE_CHECKING:
     from benchmarks._scenario import Scenario
@@ -63,6 +63,9 @@ class ScenarioConfig:
             ``CosineAnnealingLR`` from ``lr`` to 0 over all steps, the same for every method).
         methods: methods to run, in :data:`benchmarks._learners.METHODS` order.
         bound, samples, inner_steps, consistency_weight: MT-COOL b, M, L, lambda.
+        inner_batches: the batches of MT-COOL's L inner steps: ``"reuse"`` (the default: every inner step
+            on the training step's batch) or ``"fresh"`` (one outer iteration per L training steps, inner
+            step l on the l-th step's batch); a method with its own setting (``mt_cool_m2_l10``) keeps it.
         noise: MT-COOL noise under ``--distributed``: ``"identical"`` on every rank or ``"per_rank"``.
         noise_bound: MT-COOL noise bound alone (``None``: ``bound``; the clamp keeps ``bound``).
         noise_scale: MT-COOL noise ``"absolute"`` (the paper) or ``"relative"`` to each slice's scale.
@@ -109,6 +112,7 @@ class ScenarioConfig:
     progress: bool
     distributed: bool = False
     preset: str | None = None
+    inner_batches: InnerBatches = "reuse"
 
     @property
     def side(self) -> int:
@@ -123,10 +127,11 @@ class ScenarioConfig:
         return self.image_size
 
 
-def _parser(scenario: Scenario, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+def _parser(scenario: Scenario, parents: Sequence[argparse.ArgumentParser] = (), prog: str | None = None,
+            description: str | None = None) -> argparse.ArgumentParser:
     d, q = scenario.defaults, scenario.quick
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{scenario.name}", description=scenario.description,
-                                     parents=list(parents))
+    parser = argparse.ArgumentParser(prog=prog or f"python -m benchmarks.{scenario.name}",
+                                     description=description or scenario.description, parents=list(parents))
     add = parser.add_argument
     for key in SIZED:
         if key == "image_size" and key not in d:
@@ -157,6 +162,11 @@ def _parser(scenario: Scenario, parents: Sequence[argparse.ArgumentParser] = ())
     add("--noise", choices=("identical", "per_rank"), default="identical",
         help="MT-COOL noise under --distributed: the same draws on every rank (default) or each rank its own")
     add("--inner-steps", type=POSITIVE_INT, default=1, help="MT-COOL inner steps L (default 1)")
+    add("--inner-batches", choices=("reuse", "fresh"), default=d.get("inner_batches", "reuse"),
+        help="MT-COOL's L inner steps: reuse = all on the training step's batch (L times Joint's base steps); "
+             "fresh = one outer iteration per L training steps, inner step l on the l-th step's batch (Joint's "
+             "base steps and batches); mt_cool_m2_l10 is always fresh "
+             f"(default {d.get('inner_batches', 'reuse')})")
     add("--consistency-weight", type=NON_NEGATIVE, default=None, help="MT-COOL lambda (default: library's)")
     add("--cagrad-c", type=NON_NEGATIVE, default=0.4, help="CAGrad c (default 0.4)")
     add("--data-dir", default=None, help=scenario.flag_help.get(
@@ -175,19 +185,22 @@ def _parser(scenario: Scenario, parents: Sequence[argparse.ArgumentParser] = ())
 
 
 def parse_args(
-    scenario: Scenario, argv: Sequence[str] | None = None, *, parents: Sequence[argparse.ArgumentParser] = ()
+    scenario: Scenario, argv: Sequence[str] | None = None, *, parents: Sequence[argparse.ArgumentParser] = (),
+    prog: str | None = None, description: str | None = None,
 ) -> ScenarioConfig:
     """Parse the command line into a :class:`ScenarioConfig`, filling defaults (or ``--quick`` ones).
 
     ``scenario.defaults`` (and ``quick``) may hold ``"methods"``, the scenario's default method list
-    in place of every offered method. ``parents``: ``argparse`` parsers (``add_help=False``) of a
-    scenario's own options, listed in ``--help`` and accepted here; the scenario reads their values.
+    in place of every offered method, and ``scenario.defaults`` ``"inner_batches"``. ``parents``:
+    ``argparse`` parsers (``add_help=False``) of a scenario's own options, listed in ``--help`` and
+    accepted here; the scenario reads their values. ``prog`` and ``description`` replace the
+    scenario's in ``--help`` and errors (a program built on the driver, ``python -m benchmarks.sweep``).
 
     Raises:
         ValueError: for an image size off the scenario's multiple, a test fraction outside (0, 1), or
             methods the scenario does not offer (naming those it does).
     """
-    parser = _parser(scenario, parents)
+    parser = _parser(scenario, parents, prog, description)
     args = parser.parse_args(argv)
     if args.preset is not None:  # the preset replaces the defaults; explicit flags still win
         parser.set_defaults(**PRESETS[args.preset])
@@ -241,4 +254,5 @@ def parse_args(
         progress=not args.no_progress,
         distributed=args.distributed,
         preset=args.preset,
+        inner_batches=args.inner_batches,
     )

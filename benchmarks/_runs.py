@@ -27,12 +27,14 @@ from benchmarks._learners import (
     check_offered,
     count_parameters,
 )
-from benchmarks._summary import add_delta_m, markdown_table, summarise
+from benchmarks._stats import Interval
+from benchmarks._summary import BASELINE, add_delta_m, interval_table, markdown_table, summarise
 
 if TYPE_CHECKING:
     from benchmarks._scenario import Scenario, ScenarioConfig
 
-__all__ = ["SAMPLES", "Probe", "ProbeFactory", "SeedData", "Stream", "batch_schedule", "run_scenario", "streams_of"]
+__all__ = ["QUARTILES", "SAMPLES", "Probe", "ProbeFactory", "SeedData", "Stream", "batch_schedule", "quartile_indices",
+           "run_scenario", "streams_of"]
 
 SeedData: TypeAlias = ImageTasks | Mapping[str, ImageTasks]
 """One seed's data: one :class:`ImageTasks` whose inputs every task shares, or one per task
@@ -43,6 +45,9 @@ Stream = tuple[tuple[str, ...], ImageTasks]
 
 SAMPLES: Final[int] = 3
 """Test inputs per stream kept for the samples figure."""
+
+QUARTILES: Final[tuple[float, float, float]] = (0.25, 0.5, 0.75)
+"""Where the samples figure's images sit in Independent's per-image scores (:func:`quartile_indices`)."""
 
 
 class Probe(Protocol):
@@ -117,6 +122,7 @@ def _training(config: ScenarioConfig, seed: int, warmup_steps: int) -> Training:
         samples=config.samples,
         noise=config.noise,
         inner_steps=config.inner_steps,
+        inner_batches=config.inner_batches,
         consistency_weight=config.consistency_weight,
         warmup_steps=warmup_steps,
         cagrad_c=config.cagrad_c,
@@ -126,14 +132,13 @@ def _training(config: ScenarioConfig, seed: int, warmup_steps: int) -> Training:
 
 
 @torch.no_grad()
-def _predict(learner: Learner, streams: Sequence[Stream], batch: int, limit: int | None = None) -> dict[str, Tensor]:
-    """Every task's outputs on its stream's test inputs (the first ``limit``), in evaluation mode, in chunks,
-    on the CPU as float32."""
+def _predict(learner: Learner, streams: Sequence[Stream], batch: int) -> dict[str, Tensor]:
+    """Every task's outputs on its stream's test inputs, in evaluation mode, in chunks, on the CPU as float32."""
     learner.train(False)
     try:
         outputs: dict[str, Tensor] = {}
         for tasks, data in streams:
-            x = data.test_x[:limit]
+            x = data.test_x
             parts: dict[str, list[Tensor]] = {task: [] for task in tasks}
             for start in range(0, x.shape[0], batch):
                 chunk = x[start : start + batch]
@@ -145,12 +150,43 @@ def _predict(learner: Learner, streams: Sequence[Stream], batch: int, limit: int
         learner.train(True)
 
 
+def _test_targets(scenario: Scenario, streams: Sequence[Stream]) -> dict[str, Tensor]:
+    """The test targets ``evaluate`` receives, on the CPU: each task's from its own stream, plus the
+    evaluation-only targets (e.g. openkbp's ``"ptv"`` for the DVH score)."""
+    targets = {key: y.cpu() for _, data in streams for key, y in data.test_y.items() if key not in scenario.tasks}
+    targets.update({task: data.test_y[task].cpu() for tasks, data in streams for task in tasks})
+    return targets
+
+
+def quartile_indices(scores: Tensor) -> Tensor:
+    """The test images the samples figure shows: those at the 25th, 50th and 75th percentile of ``scores``
+    (Independent's per-image Dice, as the MT-COOL paper's Fig. 2 picks them), lowest first: ranks
+    ``floor(q * n)`` of the ``n`` scored images, distinct for ``n >= 4``; NaN scores are left out; at most
+    three scored images: all of them.
+
+    Example:
+        >>> quartile_indices(torch.tensor([0.9, 0.1, 0.5, float("nan"), 0.7, 0.3])).tolist()
+        [5, 2, 4]
+    """
+    if scores.ndim != 1:
+        raise ValueError(f"sample_score must give one score per test image [N], got shape {tuple(scores.shape)}")
+    scored = torch.nonzero(~torch.isnan(scores)).flatten()
+    order = scored[torch.argsort(scores[scored], stable=True)]
+    if order.numel() <= SAMPLES:
+        return order
+    return order[[int(q * order.numel()) for q in QUARTILES]]
+
+
+def _interval_record(interval: Interval) -> dict[str, float | int]:
+    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high, "n": interval.n}
+
+
 def _run(
     scenario: Scenario, method: str, config: ScenarioConfig, problem: Problem, streams: Sequence[Stream],
     schedules: Sequence[Tensor], steps: int, seed: int, bar: Any, launch: Launch, probe: ProbeFactory | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Train ``method`` on one seed; return its record and its outputs on the first test inputs
-    (with ``--distributed``: this rank's training, evaluated on rank 0 only)."""
+    """Train ``method`` on one seed; return its record and its final outputs on every test input
+    (with ``--distributed``: this rank's training, evaluated on rank 0 only; other ranks return no outputs)."""
     warmup_steps = config.warmup_epochs * steps
     started = time.perf_counter()
     learner = build_learner(method, problem, _training(config, seed, warmup_steps))
@@ -162,13 +198,11 @@ def _run(
         if config.schedule == "cosine"
         else []
     )
-    # evaluation-only targets (e.g. openkbp's "ptv" for the DVH score) reach evaluate too; each task's own
-    # targets come from its own stream
-    targets = {key: y.cpu() for _, data in streams for key, y in data.test_y.items() if key not in scenario.tasks}
-    targets.update({task: data.test_y[task].cpu() for tasks, data in streams for task in tasks})
+    targets = _test_targets(scenario, streams)
     train_loss: dict[str, list[float]] = {task: [] for task in scenario.tasks}
     test_metrics: dict[str, list[float]] = {metric.key: [] for metric in scenario.metrics}
     metrics: dict[str, float] = {}
+    outputs: dict[str, Tensor] = {}
     for epoch in range(config.epochs):
         totals = dict.fromkeys(scenario.tasks, 0.0)
         for step in range(epoch * steps, (epoch + 1) * steps):
@@ -185,13 +219,12 @@ def _run(
         for task, total in totals.items():
             train_loss[task].append(total / steps)
         if launch.main:
-            metrics = scenario.evaluate(_predict(learner, streams, scenario.eval_batch), targets)
+            outputs = _predict(learner, streams, scenario.eval_batch)
+            metrics = scenario.evaluate(outputs, targets)
             for key, value in metrics.items():
                 test_metrics[key].append(value)
         bar.update(1)
-    drawn = launch.main and "samples" in scenario.figures
-    samples = _predict(learner, streams, scenario.eval_batch, SAMPLES) if drawn else {}
-    record = {
+    record: dict[str, Any] = {
         "seed": seed,
         "final": metrics,
         "curves": {"epoch": list(range(1, config.epochs + 1)), "train_loss": train_loss, "test": test_metrics},
@@ -202,9 +235,16 @@ def _run(
         "test_sizes": {task: int(data.test_x.shape[0]) for tasks, data in streams for task in tasks},
         "wall_time_s": time.perf_counter() - started,
     }
+    if outputs and scenario.intervals is not None:
+        record["intervals"] = {key: _interval_record(i) for key, i in scenario.intervals(outputs, targets).items()}
     if watch is not None:
         record["probe"] = watch.finish()
-    return record, samples
+    return record, outputs
+
+
+def _chosen(outputs: Mapping[str, Tensor], picks: Tensor | None) -> dict[str, Tensor]:
+    """The samples figure's rows of ``outputs``: ``picks``, or the first :data:`SAMPLES` of each stream."""
+    return {task: value[:SAMPLES] if picks is None else value[picks] for task, value in outputs.items()}
 
 
 def _steps_and_schedules(
@@ -242,6 +282,9 @@ def run_scenario(
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in config.methods}
     samples: dict[str, dict[str, Tensor]] = {}
+    pending: dict[str, dict[str, Tensor]] = {}  # first seed's full outputs while the samples are not chosen yet
+    picks: Tensor | None = None  # the chosen test images; None: the first SAMPLES of each stream
+    chosen = "samples" not in scenario.figures
     joint_parameters = 0
     first: list[Stream] = []
     total = len(config.seeds) * len(config.methods) * config.epochs
@@ -263,15 +306,25 @@ def run_scenario(
                 record, outputs = _run(scenario, method, config, problem, streams, schedules, steps, seed, bar, launch,
                                        probe)
                 runs[method].append(record)
-                if seed == config.seeds[0]:
-                    samples[method] = outputs
+                if seed != config.seeds[0] or not launch.main or "samples" not in scenario.figures:
+                    continue
+                if not chosen and (scenario.sample_score is None or BASELINE not in config.methods):
+                    chosen = True
+                elif not chosen and method == BASELINE and scenario.sample_score is not None:
+                    picks, chosen = quartile_indices(scenario.sample_score(outputs, _test_targets(scenario, streams))), True
+                if chosen:
+                    samples[method] = _chosen(outputs, picks)
+                else:
+                    pending[method] = outputs
     if not launch.main:
         return {}, {}
+    samples.update({method: _chosen(outputs, picks) for method, outputs in pending.items()})
     summaries = {method: summarise(scenario.metrics, method_runs, joint_parameters)
                  for method, method_runs in runs.items()}
     kept = add_delta_m(summaries, scenario.metrics)
-    samples["ground truth"] = {task: data.test_y[task][:SAMPLES].cpu() for tasks, data in first for task in tasks}
-    samples["image"] = {task: data.test_x[:SAMPLES].cpu() for tasks, data in first for task in tasks}
+    if "samples" in scenario.figures:
+        samples["ground truth"] = _chosen({t: d.test_y[t].cpu() for tasks, d in first for t in tasks}, picks)
+        samples["image"] = _chosen({t: d.test_x.cpu() for tasks, d in first for t in tasks}, picks)
     results = {
         "benchmark": scenario.name,
         "title": scenario.title,
@@ -298,6 +351,13 @@ def run_scenario(
         },
         "methods": summaries,
         "table": markdown_table(scenario.metrics, summaries),
+        "interval_table": interval_table(scenario.metrics, summaries),
+        "samples": {
+            "indices": None if picks is None else picks.tolist(),
+            "rule": "the first test images of the first seed" if picks is None else
+                    "the first seed's test images at the 25th, 50th and 75th percentile of Independent's per-image "
+                    "score (Scenario.sample_score), as the MT-COOL paper's Fig. 2",
+        },
         "wall_time_s": time.perf_counter() - started,
     }
     if config.distributed:

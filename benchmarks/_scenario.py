@@ -7,14 +7,16 @@ rest the same way for all: command line (:mod:`benchmarks._options`), per-seed d
 training every method of :mod:`benchmarks._learners` with identical models,
 data and optimizer settings (:mod:`benchmarks._runs`), evaluation after every
 epoch, a progress bar, the markdown table with Δm against Independent
-(:mod:`benchmarks._summary`), the JSON results and the figures
+(:mod:`benchmarks._summary`), a table of the metrics with bootstrap intervals over the test
+examples (AUROC, ``Scenario.intervals``), the JSON results and the figures
 (:mod:`benchmarks._figures`):
 
 - ``<name>.png``: one bar chart per metric, mean with standard deviation over seeds
   (``"bars"``), or grouped bars beside the test curves (``"overview"``);
 - ``<name>_curves.png``: training loss and one test metric per task against the epoch;
-- ``<name>_samples.png``: the first test images, their ground truth and every
-  method's prediction of the pixel-level tasks (first seed), like the MT-COOL paper's Fig. 2;
+- ``<name>_samples.png``: three test images, their ground truth and every method's prediction
+  of the pixel-level tasks (first seed), like the MT-COOL paper's Fig. 2: the images at the
+  quartiles of Independent's per-image Dice where the scenario gives ``sample_score``;
   with image-level tasks only, the inputs (middle slice of a volume) and a table of every
   method's captions.
 
@@ -37,9 +39,9 @@ evaluates, prints and writes the results.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,12 @@ import numpy as np
 import numpy.typing as npt
 from torch import Tensor
 
-from benchmarks._cli import distributed_launch, finite
+from benchmarks._cli import distributed_launch, finite, run_command
 from benchmarks._figures import FIGURES, figure_paths, write_figures
 from benchmarks._learners import Problem
 from benchmarks._options import ScenarioConfig, parse_args
 from benchmarks._runs import SeedData, run_scenario
+from benchmarks._stats import Interval
 from benchmarks._summary import mean_std
 
 __all__ = ["Metric", "Scenario", "ScenarioConfig", "SeedData", "cli", "finite", "main", "mean_std", "parse_args",
@@ -125,6 +128,17 @@ class Scenario:
         flag_help: help texts that replace the defaults, by option name (``"train_size"``, ``"data_dir"``).
         default_data: what runs without ``--data-dir``, for ``--help``.
         image_multiple: ``--image-size`` must be a multiple of this (a UNet's output stride).
+        validation: ``validation(config, seed)`` gives one seed's data for model selection (``python -m
+            benchmarks.sweep``): training data and a validation split carved out of the seed's training
+            data, in the place of the test data, which it must never touch. ``None``: the sweep carves a
+            stratified share out of ``load``'s training data itself.
+        intervals: ``intervals(outputs, targets)`` -> ``{metric key: Interval}``, bootstrap intervals over
+            the test examples of some metrics (AUROC), computed once on the final outputs of each run and
+            printed in a table of their own; ``None``: none.
+        sample_score: ``sample_score(outputs, targets)`` -> ``[N]`` per-test-image score (Dice) of the
+            pixel-level tasks; the samples figure shows the first seed's images at the quartiles of
+            Independent's scores, as the MT-COOL paper's Fig. 2 does. ``None`` (or Independent not run):
+            the first test images.
     """
 
     name: str
@@ -150,6 +164,9 @@ class Scenario:
     flag_help: Mapping[str, str] = field(default_factory=dict)
     default_data: str = "synthetic data"
     image_multiple: int = 16
+    validation: Callable[[ScenarioConfig, int], SeedData] | None = None
+    intervals: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], dict[str, Interval]] | None = None
+    sample_score: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor] | None = None
 
     def __post_init__(self) -> None:
         keys = [metric.key for metric in self.metrics]
@@ -217,15 +234,13 @@ def _write(
     paths["json"].write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     write_figures(scenario, results, samples, paths)
     print(results["table"])
+    if results.get("interval_table"):
+        print(f"\nAUROC-type metrics, each seed with its 95 % bootstrap interval over the test examples:\n"
+              f"{results['interval_table']}")
     print(f"\nwall time {results['wall_time_s']:.1f} s; wrote {_listing(list(paths.values()))}")
     return dict(results)
 
 
 def cli(scenario: Scenario, argv: Sequence[str] | None = None) -> int:
     """Entry point: configuration errors become one line on stderr and exit status 2."""
-    try:
-        main(scenario, argv)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"python -m benchmarks.{scenario.name}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(partial(main, scenario, argv), f"python -m benchmarks.{scenario.name}")

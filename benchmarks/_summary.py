@@ -14,7 +14,7 @@ from benchmarks._stats import paired_difference_ci
 if TYPE_CHECKING:
     from benchmarks._scenario import Metric
 
-__all__ = ["BASELINE", "REFERENCE", "add_delta_m", "markdown_table", "mean_std", "summarise"]
+__all__ = ["BASELINE", "REFERENCE", "add_delta_m", "interval_table", "interval_text", "markdown_table", "mean_std", "summarise"]
 
 BASELINE = "independent"
 """The method Δm is measured against (single-task learning)."""
@@ -40,12 +40,17 @@ def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
 
 
 def summarise(metrics: Sequence[Metric], runs: list[dict[str, Any]], joint_parameters: int) -> dict[str, Any]:
-    """One method's summary: parameter count and ratio to Joint, each metric's mean/std/per-seed, the runs."""
+    """One method's summary: parameter count and ratio to Joint, each metric's mean/std/per-seed (and, for a
+    metric with test-set bootstrap intervals, ``intervals``: one ``{"estimate", "low", "high", "n"}`` per
+    seed), the runs."""
     summary: dict[str, dict[str, Any]] = {}
     for metric in metrics:
         per_seed = [float(run["final"].get(metric.key, math.nan)) for run in runs]
         mean, std = mean_std(per_seed)
         summary[metric.key] = {"mean": mean, "std": std, "per_seed": per_seed}
+        intervals = [run.get("intervals", {}).get(metric.key) for run in runs]
+        if any(interval is not None for interval in intervals):
+            summary[metric.key]["intervals"] = intervals
     parameters = int(runs[0]["num_parameters"])
     return {
         "params": parameters,
@@ -109,15 +114,23 @@ def _delta_cell(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:+.2f}"
 
 
-def _versus_cell(interval: Mapping[str, Any] | None) -> str:
-    if interval is None:
-        return "–"
-    mean, low, high = interval["mean"], interval["low"], interval["high"]
-    if mean is None or not math.isfinite(mean):
+def interval_text(estimate: float | None, low: float | None, high: float | None, no_interval: str = "") -> str:
+    """``+1.23 [+0.45, +2.01]``; ``n/a`` without an estimate; the estimate and ``no_interval`` without an
+    interval (``None`` or NaN, as after the JSON round trip).
+
+    Example:
+        >>> interval_text(1.234, 0.5, 2.0), interval_text(1.0, None, None, " (no CI)"), interval_text(None, 1, 2)
+        ('+1.23 [+0.50, +2.00]', '+1.00 (no CI)', 'n/a')
+    """
+    if estimate is None or not math.isfinite(estimate):
         return "n/a"
     if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
-        return f"{mean:+.2f}"
-    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+        return f"{estimate:+.2f}{no_interval}"
+    return f"{estimate:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _versus_cell(interval: Mapping[str, Any] | None) -> str:
+    return "–" if interval is None else interval_text(interval["mean"], interval["low"], interval["high"])
 
 
 def markdown_table(metrics: Sequence[Metric], summaries: Mapping[str, Mapping[str, Any]]) -> str:
@@ -135,4 +148,31 @@ def markdown_table(metrics: Sequence[Metric], summaries: Mapping[str, Mapping[st
         rows.append(f"| {label(method)} | {summary['params_ratio']:.2f} | " + " | ".join(cells)
                     + f" | {_delta_cell(summary.get('delta_m'))} |"
                     + (f" {_versus_cell(summary.get('delta_m_vs_joint'))} |" if versus else ""))
+    return "\n".join(rows)
+
+
+def _interval_cell(metric: Metric, interval: Mapping[str, Any] | None) -> str:
+    if interval is None or interval["estimate"] is None or not math.isfinite(interval["estimate"]):
+        return "n/a"
+    digits = 1 if metric.percent else 3
+    estimate = f"{metric.show(interval['estimate']):.{digits}f}"
+    low, high = interval["low"], interval["high"]
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return estimate
+    return f"{estimate} [{metric.show(low):.{digits}f}, {metric.show(high):.{digits}f}]"
+
+
+def interval_table(metrics: Sequence[Metric], summaries: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The metrics that carry test-set bootstrap intervals (AUROC: ``Scenario.intervals``), one row per method,
+    every seed's value with its 95 % interval over the test examples (seeds separated by ``;``, in seed order);
+    ``None`` when no metric has intervals."""
+    shown = [m for m in metrics if any("intervals" in s["metrics"][m.key] for s in summaries.values())]
+    if not shown:
+        return None
+    rows = ["| method | " + " | ".join(f"{m.header}, per seed [95 % CI]" for m in shown) + " |",
+            "|---|" + "---:|" * len(shown)]
+    for method, summary in summaries.items():
+        cells = ["; ".join(_interval_cell(m, i) for i in summary["metrics"][m.key].get("intervals", [None]))
+                 for m in shown]
+        rows.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -77,9 +77,11 @@ from benchmarks._images import ImageTasks
 from benchmarks._learners import LossFn, Problem
 from benchmarks._metrics import dice_iou
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
+from benchmarks._stats import TABLE_RESAMPLES, Interval, auroc_ci
 from benchmarks._skin import DIAGNOSES, HAM10000_COUNTS, LAYOUT, TASKS, load_ham10000, quota_counts, synthetic_ham10000
 
-__all__ = ["SCENARIO", "WIDTHS", "backbone", "class_weights", "evaluate", "main", "problem", "task_specs"]
+__all__ = ["SCENARIO", "WIDTHS", "backbone", "class_weights", "evaluate", "intervals", "main", "problem", "sample_score",
+           "task_specs"]
 
 WIDTHS: Final[tuple[int, ...]] = (16, 32, 64, 128)
 """Channels of the four encoder stages every method's network is built on (stage s at 1 / 2**s)."""
@@ -243,6 +245,18 @@ def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> di
     }
 
 
+def intervals(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Interval]:
+    """The macro AUROC with its 95 % bootstrap interval over the test images (stratified by class:
+    :func:`benchmarks._stats.auroc_ci`, :data:`benchmarks._stats.TABLE_RESAMPLES` resamples)."""
+    probability = outputs["diagnosis"].float().softmax(dim=1)
+    return {"auroc": auroc_ci(probability, targets["diagnosis"], resamples=TABLE_RESAMPLES, stratified=True)}
+
+
+def sample_score(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """Per test image, the lesion Dice (the samples figure's quartiles)."""
+    return dice_iou(outputs["lesion"][:, 0] > 0, targets["lesion"])[0]
+
+
 _LESION: Final[npt.NDArray[np.float32]] = np.array([[0.0, 0.0, 0.0], [0.95, 0.75, 0.2]], dtype=np.float32)
 
 
@@ -309,6 +323,8 @@ SCENARIO: Final[Scenario] = Scenario(
     "default; --data-dir for the real HAM10000 release.",
     tasks=TASKS,
     pixel_tasks=("lesion",),
+    intervals=intervals,
+    sample_score=sample_score,
     networks=("mtan", "ctan"),
     metrics=_METRICS,
     curve_metric={"lesion": "dice", "diagnosis": "balanced_accuracy"},

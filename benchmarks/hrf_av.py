@@ -45,10 +45,11 @@ from torch import Tensor, nn
 from benchmarks import _scenario, _unet
 from benchmarks._images import ImageTasks
 from benchmarks._learners import Problem
+from benchmarks._metrics import dice_iou
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
 from benchmarks._vessels import IGNORE, LAYOUT, TASKS, load_hrf_av, synthetic_hrf_av
 
-__all__ = ["SCENARIO", "evaluate", "main", "problem"]
+__all__ = ["SCENARIO", "evaluate", "main", "problem", "sample_score"]
 
 _METRICS: Final[tuple[Metric, ...]] = (
     Metric("artery_acc", "Acc A (%)"),
@@ -127,6 +128,11 @@ def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> di
     return scores
 
 
+def sample_score(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """Per test image, the Dice (= F1) of its vessel map, p(vessel) > 0.5 (the samples figure's quartiles)."""
+    return dice_iou(outputs["vessel"][:, 0] > 0, targets["vessel"] > 0)[0]
+
+
 _PALETTE: Final[npt.NDArray[np.float32]] = np.array(
     [[0.0, 0.0, 0.0], [0.95, 0.15, 0.1], [0.15, 0.35, 1.0], [0.5, 0.5, 0.5]], dtype=np.float32
 )
@@ -180,6 +186,7 @@ SCENARIO: Final[Scenario] = Scenario(
     "Synthetic vessel trees by default; --data-dir for real HRF-AV.",
     tasks=TASKS,
     pixel_tasks=TASKS,
+    sample_score=sample_score,
     metrics=_METRICS,
     curve_metric={"artery_vein": "av_f1", "vessel": "vessel_f1"},
     defaults={

@@ -36,15 +36,14 @@ Independent, 95 % bootstrap interval over seeds), the mechanism table; ``multi_d
 ``multi_digits.png`` (bars), ``multi_digits_curves.png``, ``multi_digits_transfer.png`` and
 ``multi_digits_flatness.png`` (:mod:`benchmarks._mechanism`).
 
-``--sweep`` runs the λ study instead: ``mt_cool_m2`` over ``--sweep-bounds`` x ``--sweep-weights``
-(bound b x consistency weight λ), each cell's mean accuracy minus Joint's (paired over seeds), measured
-on a validation split carved out of the training pool (the test pool is never used), written to
-``multi_digits_sweep.json`` and the heat map ``multi_digits_sweep.png``.
+The parameter study over b, M, λ and L is ``python -m benchmarks.sweep`` (its default scenario is this
+one): it trains on the validation split of :func:`validation_pairs` (``Scenario.validation``), never on the
+test pool, and reads ``--conflict`` / ``--width`` / ``--shift`` through :func:`scenario_from_args`.
 
 Example:
     python -m benchmarks.multi_digits --quick --out-dir /tmp/md
     python -m benchmarks.multi_digits --conflict 0.5 --width 8
-    python -m benchmarks.multi_digits --sweep
+    python -m benchmarks.sweep --scenario multi_digits --conflict 0.5
 """
 
 from __future__ import annotations
@@ -62,10 +61,9 @@ from typing import Any, Final
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from benchmarks._cli import POSITIVE_INT, config_record, finite
+from benchmarks._cli import POSITIVE_INT, config_record, finite, run_command
 from benchmarks._figures import figure_paths, write_figures
 from benchmarks._images import ImageTasks, split_indices
 from benchmarks._learners import Problem, label, offered_methods
@@ -91,7 +89,6 @@ __all__ = [
     "METHODS",
     "SCENARIO",
     "STUDY_METHODS",
-    "Sweep",
     "Testbed",
     "cli",
     "digit_encoder",
@@ -100,6 +97,7 @@ __all__ = [
     "main",
     "parse_args",
     "scenario",
+    "scenario_from_args",
     "validation_pairs",
 ]
 
@@ -118,10 +116,8 @@ MEAN: Final[str] = "mean_acc"
 """Key of the per-seed mean of the two tasks' accuracies, the comparisons' summary."""
 
 VALIDATION_FRACTION: Final[float] = 0.25
-"""``--sweep``: share of the training pool's source images held out as the validation pool."""
-
-SWEEP_METHOD: Final[str] = "mt_cool_m2"
-"""The method the sweep varies (the full method: M = 2, the paper's mean reference)."""
+"""Model selection (:func:`validation_pairs`): share of the training pool's source images held out as the
+validation pool."""
 
 CONTRASTS: Final[tuple[tuple[str, str], ...]] = (
     ("without_reg", "vanilla"), ("mt_cool_m2", "without_reg"), ("mt_cool_m2", "vanilla"),
@@ -159,14 +155,6 @@ class Testbed:
             raise ValueError(f"--width must be a positive int (channels of each convolution), got {self.width!r}")
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or not 1 <= self.shift <= 2 * DIGIT_SIDE:
             raise ValueError(f"--shift must be an int in [1, {2 * DIGIT_SIDE}], got {self.shift!r}")
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """``--sweep``: the grid of bound b x consistency weight λ for :data:`SWEEP_METHOD`."""
-
-    bounds: tuple[float, ...] = (0.002, 0.01, 0.05, 0.1)
-    weights: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
 
 
 # ---------------------------------------------------------------------------
@@ -238,9 +226,9 @@ def _load(testbed: Testbed, config: ScenarioConfig, seed: int) -> ImageTasks:
 
 def validation_pairs(train: int, validation: int, *, seed: int, conflict: float, test_fraction: float = 0.25
                      ) -> tuple[Tensor, Tensor]:
-    """``--sweep``'s composites: the seed's training pool of source images (:func:`multi_digit_pairs`) split
-    again, by digit, into a fit pool and a validation pool (:data:`VALIDATION_FRACTION`); the seed's test
-    pool is never drawn.
+    """Model selection's composites (``python -m benchmarks.sweep``): the seed's training pool of source
+    images (:func:`multi_digit_pairs`) split again, by digit, into a fit pool and a validation pool
+    (:data:`VALIDATION_FRACTION`); the seed's test pool is never drawn.
 
     Returns:
         ``[train, 2]`` source-image pairs from the fit pool and ``[validation, 2]`` from the validation pool.
@@ -258,7 +246,13 @@ def validation_pairs(train: int, validation: int, *, seed: int, conflict: float,
 
 
 def _validation_load(testbed: Testbed, config: ScenarioConfig, seed: int) -> ImageTasks:
-    """``--sweep``: training composites from the fit pool, "test" composites from the validation pool."""
+    """Training composites from the fit pool, validation composites (--test-size of them) from the validation
+    pool of validation_pairs (a quarter of each seed's training pool of source images, by digit); the test
+    pool is never drawn.
+
+    Model selection's data (``Scenario.validation``, ``python -m benchmarks.sweep``): the first paragraph
+    of this docstring is the sweep's note on its validation split.
+    """
     train, test = _sizes(config)
     fit_pairs, held_pairs = validation_pairs(train, test, seed=seed, conflict=testbed.conflict,
                                              test_fraction=config.test_fraction)
@@ -289,7 +283,7 @@ def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> di
     }
 
 
-def _notes(testbed: Testbed, sweep: bool, config: ScenarioConfig) -> list[str]:
+def _notes(testbed: Testbed, config: ScenarioConfig) -> list[str]:
     side = DIGIT_SIDE + testbed.shift
     notes = [
         f"Testbed: conflict {testbed.conflict}, width w = {testbed.width} (hidden {4 * testbed.width}), shift "
@@ -306,23 +300,17 @@ def _notes(testbed: Testbed, sweep: bool, config: ScenarioConfig) -> list[str]:
         f"Bound b = {config.bound} ({config.optimizer} lr {config.lr}); the clamped fraction says whether the "
         "clamp binds.",
     ]
-    if sweep:
-        notes.append(f"Sweep: evaluated on a validation pool ({VALIDATION_FRACTION:.0%} of each seed's training "
-                     "pool of source images, by digit); the training composites use the rest; the test pool is "
-                     "not used, so the sweep selects nothing on the test data.")
     return notes
 
 
-def scenario(testbed: Testbed = Testbed(), *, sweep: bool = False) -> Scenario:
-    """The driver's :class:`Scenario` for ``testbed`` (``sweep=True``: validation split, sweep-sized defaults)."""
+def scenario(testbed: Testbed = Testbed()) -> Scenario:
+    """The driver's :class:`Scenario` for ``testbed``; its ``validation`` is :func:`validation_pairs`' split."""
     defaults: dict[str, Any] = {
         "seeds": 10, "epochs": 10, "train_size": 3000, "test_size": 1000, "warmup_epochs": 1, "batch_size": 64,
         "optimizer": "adam", "lr": 2e-3, "schedule": "constant", "methods": METHODS,
     }
     quick: dict[str, Any] = {"seeds": 3, "epochs": 2, "train_size": 256, "test_size": 128, "warmup_epochs": 1,
                              "methods": METHODS}
-    if sweep:
-        defaults["seeds"], quick["seeds"] = 5, 2
     return Scenario(
         name="multi_digits",
         title=f"Multi-digit testbed (conflict {testbed.conflict}, w = {testbed.width})",
@@ -335,15 +323,16 @@ def scenario(testbed: Testbed = Testbed(), *, sweep: bool = False) -> Scenario:
         defaults=defaults,
         quick=quick,
         problem=partial(_problem, testbed),
-        load=partial(_validation_load if sweep else _load, testbed),
+        load=partial(_load, testbed),
+        validation=partial(_validation_load, testbed),
         evaluate=evaluate,
         layout="none: the composites are drawn from scikit-learn's bundled 8x8 digits",
-        notes=partial(_notes, testbed, sweep),
+        notes=partial(_notes, testbed),
         figures=("bars", "curves"),
         eval_batch=1024,
         flag_help={
             "train_size": "training composites per seed",
-            "test_size": "test composites per seed (--sweep: validation composites)",
+            "test_size": "test composites per seed (python -m benchmarks.sweep: validation composites)",
             "data_dir": "not used: the composites come from scikit-learn's bundled digits",
         },
         default_data="sklearn 8x8 digit composites",
@@ -376,20 +365,10 @@ def _shift(text: str) -> int:
     return int(value)
 
 
-def _numbers(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values or any(not v >= 0 or v == float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"expected a comma list of finite numbers >= 0, e.g. 0.01,0.05; got {text!r}")
-    return values
-
-
 def _testbed_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.multi_digits", add_help=False)
     group = parser.add_argument_group("testbed")
-    default, grid = Testbed(), Sweep()
+    default = Testbed()
     group.add_argument("--conflict", type=_unit_interval, default=default.conflict,
                        help="probability that digit B is independent of digit A: 1 = MultiMNIST, the tasks compete; "
                             f"0 = same class, the tasks agree (default {default.conflict})")
@@ -397,31 +376,41 @@ def _testbed_parser() -> argparse.ArgumentParser:
                        help=f"channels w of both convolutions; hidden layer 4w (default {default.width})")
     group.add_argument("--shift", type=_shift, default=default.shift,
                        help=f"offset of digit B in pixels, canvas 8 + shift (default {default.shift})")
-    group.add_argument("--sweep", action="store_true",
-                       help=f"run the λ study instead: {SWEEP_METHOD} over --sweep-bounds x --sweep-weights on a "
-                            "validation split (default seeds 5)")
-    group.add_argument("--sweep-bounds", type=_numbers, default=grid.bounds, metavar="B1,B2,...",
-                       help=f"sweep: bounds b (default {','.join(map(str, grid.bounds))})")
-    group.add_argument("--sweep-weights", type=_numbers, default=grid.weights, metavar="L1,L2,...",
-                       help=f"sweep: consistency weights λ (default {','.join(map(str, grid.weights))})")
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Testbed, Sweep | None, ScenarioConfig]:
-    """The testbed, the sweep grid (``None`` without ``--sweep``) and the driver's configuration.
+def _testbed_of(arguments: Sequence[str]) -> tuple[Testbed, argparse.ArgumentParser]:
+    parser = _testbed_parser()
+    known, _ = parser.parse_known_args(list(arguments))
+    return Testbed(known.conflict, known.width, known.shift), parser
+
+
+def scenario_from_args(arguments: Sequence[str]) -> tuple[Scenario, list[argparse.ArgumentParser]]:
+    """The scenario at the testbed that ``--conflict`` / ``--width`` / ``--shift`` among ``arguments`` give,
+    and the parser of those flags (a parent, for ``--help``); the other arguments are left to the driver.
+    How a program built on the driver (``python -m benchmarks.sweep``) runs this testbed.
+
+    Example:
+        >>> found, parents = scenario_from_args(["--width", "8", "--quick"])
+        >>> found.title, len(parents)
+        ('Multi-digit testbed (conflict 1.0, w = 8)', 1)
+    """
+    testbed, parser = _testbed_of(arguments)
+    return scenario(testbed), [parser]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Testbed, ScenarioConfig]:
+    """The testbed and the driver's configuration.
 
     Raises:
         ValueError: for ``--distributed`` (the statistics need every seed in one process), and the
             driver's own checks.
     """
     arguments = sys.argv[1:] if argv is None else list(argv)
-    parser = _testbed_parser()
-    known, _ = parser.parse_known_args(arguments)
-    testbed = Testbed(known.conflict, known.width, known.shift)
-    sweep = Sweep(known.sweep_bounds, known.sweep_weights) if known.sweep else None
+    testbed, parser = _testbed_of(arguments)
     if "--distributed" in arguments:
         raise ValueError("multi_digits runs in one process (its intervals pair every seed's runs); drop --distributed")
-    return testbed, sweep, parse_scenario_args(scenario(testbed, sweep=sweep is not None), arguments, parents=[parser])
+    return testbed, parse_scenario_args(scenario(testbed), arguments, parents=[parser])
 
 
 # ---------------------------------------------------------------------------
@@ -624,92 +613,8 @@ def _run_testbed(testbed: Testbed, config: ScenarioConfig) -> dict[str, Any]:
     return results
 
 
-def _run_sweep(testbed: Testbed, sweep: Sweep, config: ScenarioConfig) -> dict[str, Any]:
-    started = time.perf_counter()
-    sweep_scenario = scenario(testbed, sweep=True)
-    joint, _ = run_scenario(sweep_scenario, replace(config, methods=("joint",)))
-    joint_mean = _per_seed(joint["methods"]["joint"], MEAN)
-    cells: list[dict[str, Any]] = []
-    for bound in sweep.bounds:
-        for weight in sweep.weights:
-            run, _ = run_scenario(sweep_scenario, replace(config, methods=(SWEEP_METHOD,), bound=bound,
-                                                          consistency_weight=weight))
-            values = _per_seed(run["methods"][SWEEP_METHOD], MEAN)
-            cells.append({
-                "bound": bound, "consistency_weight": weight, "mean_acc": float(np.mean(values)),
-                "per_seed": values,
-                "vs_joint": {key: _interval(paired_difference_ci(_per_seed(run["methods"][SWEEP_METHOD], key),
-                                                                 _per_seed(joint["methods"]["joint"], key)))
-                             for key in _keys()},
-            })
-    best = max(cells, key=lambda c: c["vs_joint"][MEAN]["estimate"])
-    rows = ["| b \\ λ | " + " | ".join(str(w) for w in sweep.weights) + " |",
-            "|---:|" + "---:|" * len(sweep.weights)]
-    for bound in sweep.bounds:
-        row = [c for c in cells if c["bound"] == bound]
-        rows.append(f"| {bound} | " + " | ".join(_cell(c["vs_joint"][MEAN]) for c in row) + " |")
-    return {
-        "benchmark": "multi_digits_sweep",
-        "title": f"{sweep_scenario.title}: {label(SWEEP_METHOD)} over bound x consistency weight",
-        "method": SWEEP_METHOD,
-        "testbed": {"conflict": testbed.conflict, "width": testbed.width, "shift": testbed.shift},
-        "config": {**config_record(config), "methods": [SWEEP_METHOD, "joint"]},
-        "notes": sweep_scenario.notes(config),
-        "split": "validation",
-        "grid": {"bounds": list(sweep.bounds), "consistency_weights": list(sweep.weights)},
-        "joint": {"mean_acc": float(np.mean(joint_mean)), "per_seed": joint_mean},
-        "cells": cells,
-        "best": {"bound": best["bound"], "consistency_weight": best["consistency_weight"],
-                 "vs_joint": best["vs_joint"][MEAN], "mean_acc": best["mean_acc"]},
-        "table": "\n".join(rows),
-        "wall_time_s": time.perf_counter() - started,
-    }
-
-
 # ---------------------------------------------------------------------------
 # Figures and output
-
-
-def _plot_sweep(results: Mapping[str, Any], path: Path) -> None:
-    bounds, weights = results["grid"]["bounds"], results["grid"]["consistency_weights"]
-    grid = np.full((len(bounds), len(weights)), np.nan)
-    text = [["" for _ in weights] for _ in bounds]
-    for cell in results["cells"]:
-        i, j = bounds.index(cell["bound"]), weights.index(cell["consistency_weight"])
-        d = cell["vs_joint"][MEAN]
-        grid[i, j] = 100 * d["estimate"]
-        ci = "" if d["low"] is None or d["high"] is None else f"\n[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-        text[i][j] = f"{100 * d['estimate']:+.2f}{ci}"
-    figure = Figure(figsize=(1.6 * len(weights) + 2.5, 1.1 * len(bounds) + 1.8), layout="constrained")
-    axis = figure.subplots()
-    limit = max(float(np.nanmax(np.abs(grid))), 0.1) if np.isfinite(grid).any() else 1.0
-    image = axis.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-    for i in range(len(bounds)):
-        for j in range(len(weights)):
-            axis.text(j, i, text[i][j], ha="center", va="center", fontsize=8)
-    axis.set_xticks(range(len(weights)), [str(w) for w in weights])
-    axis.set_yticks(range(len(bounds)), [str(b) for b in bounds])
-    axis.set_xlabel("consistency weight λ")
-    axis.set_ylabel("bound b")
-    figure.colorbar(image, ax=axis, label="mean acc − joint (pp)")
-    seeds = len(results["config"]["seeds"])
-    figure.suptitle(f"{label(results['method'])} − Joint, mean accuracy (pp) [95 % CI], validation split, "
-                    f"{seeds} seeds", fontsize=10)
-    figure.savefig(path, dpi=110)
-
-
-def _write_sweep(results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    paths = {"json": out_dir / "multi_digits_sweep.json", "heatmap": out_dir / "multi_digits_sweep.png"}
-    results["outputs"] = {key: str(path) for key, path in paths.items()}
-    results = finite(results)
-    paths["json"].write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    _plot_sweep(results, paths["heatmap"])
-    best = results["best"]
-    print(f"{label(results['method'])} − Joint, mean accuracy (pp) [95 % CI], validation split:\n{results['table']}")
-    print(f"\nbest cell: b = {best['bound']}, λ = {best['consistency_weight']}: {_cell(best['vs_joint'])} pp vs Joint "
-          f"({_reading(best['vs_joint'])})")
-    print(f"\nwall time {results['wall_time_s']:.1f} s; wrote {paths['json']} and {paths['heatmap']}")
-    return results
 
 
 def _write(scenario_: Scenario, results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -736,29 +641,22 @@ def _write(scenario_: Scenario, results: dict[str, Any], out_dir: Path) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the testbed (or ``--sweep``) from the command line; print the tables, write JSON and figures.
+    """Run the testbed from the command line; print the tables, write JSON and figures.
 
     Example:
         >>> results = main(["--quick", "--out-dir", "/tmp/multi_digits"])  # doctest: +SKIP
         >>> results["gap"]["at_conflict"]["reading"]  # doctest: +SKIP
         'negative transfer at conflict 1.0: ...'
     """
-    testbed, sweep, config = parse_args(argv)
+    testbed, config = parse_args(argv)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if sweep is not None:
-        return _write_sweep(_run_sweep(testbed, sweep, config), out_dir)
     return _write(scenario(testbed), _run_testbed(testbed, config), out_dir)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """Entry point: configuration errors become one line on stderr and exit status 2."""
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"python -m benchmarks.multi_digits: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(partial(main, argv), "python -m benchmarks.multi_digits")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ from benchmarks._learners import Problem
 from benchmarks._metrics import dice_iou
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
 
-__all__ = ["DOSE_SCALE", "PTV_KEY", "SCENARIO", "WIDTHS", "dose_loss", "evaluate", "main", "problem"]
+__all__ = ["DOSE_SCALE", "PTV_KEY", "SCENARIO", "WIDTHS", "dose_loss", "evaluate", "main", "problem",
+           "sample_score", "validation"]
 
 DOSE_SCALE: Final[float] = 70.0
 """Gy per unit of the ``dose`` output: the network predicts the dose as a fraction of the 70 Gy prescription."""
@@ -211,18 +212,31 @@ def _with_ptv(data: ImageTasks) -> ImageTasks:
     return ImageTasks(data.train_x, data.train_y, data.test_x, test_y, data.source)
 
 
-def _load(config: ScenarioConfig, seed: int) -> ImageTasks:
+def _slices(config: ScenarioConfig, seed: int) -> ImageTasks:
     if config.data_dir is None:
-        data = synthetic_openkbp(config.train_size or 1, config.test_size or 1, config.side, seed=seed)
-    else:
-        data = load_openkbp(config.data_dir, config.side, test_fraction=config.test_fraction, seed=seed)
-        data = data.capped(config.train_size, config.test_size)
-    return _with_ptv(data)
+        return synthetic_openkbp(config.train_size or 1, config.test_size or 1, config.side, seed=seed)
+    data = load_openkbp(config.data_dir, config.side, test_fraction=config.test_fraction, seed=seed)
+    return data.capped(config.train_size, config.test_size)
+
+
+def _load(config: ScenarioConfig, seed: int) -> ImageTasks:
+    return _with_ptv(_slices(config, seed))
+
+
+def validation(config: ScenarioConfig, seed: int) -> ImageTasks:
+    """A quarter of the seed's training slices held out (``ImageTasks.validation_split``), the PTV map
+    added to them for the DVH score; the test slices are never read (``python -m benchmarks.sweep``)."""
+    return _with_ptv(_slices(config, seed).validation_split(0.25, seed))
 
 
 def _oar_dice(predicted: Tensor, labels: Tensor) -> Tensor:
     """Per slice and OAR, the Dice of ``predicted`` against ``labels`` (both ``[N, H, W]`` int64): ``[N, 7]``."""
     return torch.stack([dice_iou(predicted == k, labels == k)[0] for k in range(1, len(OARS) + 1)], dim=1)
+
+
+def sample_score(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """Per test slice, the mean OAR Dice (the samples figure's quartiles)."""
+    return _oar_dice(outputs["structures"].argmax(dim=1), targets["structures"]).mean(dim=1)
 
 
 def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, float]:
@@ -342,6 +356,8 @@ SCENARIO: Final[Scenario] = Scenario(
     "MT-COOL on the HPS, MTAN and CTAN networks. Synthetic slices by default; --data-dir for the real OpenKBP data.",
     tasks=TASKS,
     pixel_tasks=TASKS,
+    sample_score=sample_score,
+    validation=validation,
     networks=("mtan", "ctan"),
     metrics=_METRICS,
     curve_metric={"dose": "dose_score", "structures": "oar_dice"},

@@ -55,8 +55,9 @@ from benchmarks._images import ImageTasks
 from benchmarks._metrics import dice_iou
 from benchmarks._learners import Problem
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
+from benchmarks._stats import TABLE_RESAMPLES, Interval, auroc_ci
 
-__all__ = ["SCENARIO", "evaluate", "main", "problem"]
+__all__ = ["SCENARIO", "evaluate", "intervals", "main", "problem", "sample_score"]
 
 GLAUCOMA_WEIGHTS: Final[tuple[float, float]] = (1.0, 9.0)
 """Class weights of the glaucoma cross-entropy: the inverse of the 1:9 class ratio."""
@@ -147,6 +148,19 @@ def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> di
     }
 
 
+def intervals(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Interval]:
+    """The glaucoma AUROC with its 95 % bootstrap interval over the test images (stratified by class:
+    :func:`benchmarks._stats.auroc_ci`, :data:`benchmarks._stats.TABLE_RESAMPLES` resamples)."""
+    probability = outputs["glaucoma"].softmax(dim=1)[:, 1]
+    return {"auroc": auroc_ci(probability, targets["glaucoma"], resamples=TABLE_RESAMPLES, stratified=True)}
+
+
+def sample_score(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    """Per test image, the mean of its disc and cup Dice (the samples figure's quartiles)."""
+    predicted, mask = outputs["disc_cup"].argmax(dim=1), targets["disc_cup"]
+    return 0.5 * (dice_iou(predicted >= 1, mask >= 1)[0] + dice_iou(predicted == 2, mask == 2)[0])
+
+
 _PALETTE: Final[npt.NDArray[np.float32]] = np.array(
     [[0.0, 0.0, 0.0], [0.95, 0.75, 0.2], [0.2, 0.6, 1.0]], dtype=np.float32
 )
@@ -200,6 +214,8 @@ SCENARIO: Final[Scenario] = Scenario(
     "(the MT-COOL paper's Table 2). Synthetic fundus images by default; --data-dir for real REFUGE2018.",
     tasks=TASKS,
     pixel_tasks=("disc_cup",),
+    intervals=intervals,
+    sample_score=sample_score,
     metrics=_METRICS,
     curve_metric={"disc_cup": "dice_cup", "glaucoma": "auroc"},
     defaults={

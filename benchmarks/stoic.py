@@ -91,8 +91,9 @@ from benchmarks._chest import COVID_FRACTION, LAYOUT, SEVERE_FRACTION, TASKS, lo
 from benchmarks._images import ImageTasks
 from benchmarks._learners import Problem
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
+from benchmarks._stats import TABLE_RESAMPLES, Interval, auroc_ci
 
-__all__ = ["SEVERE_WEIGHTS", "SPECS", "SCENARIO", "WIDTHS", "backbone", "evaluate", "main", "problem"]
+__all__ = ["SEVERE_WEIGHTS", "SPECS", "SCENARIO", "WIDTHS", "backbone", "evaluate", "intervals", "main", "problem"]
 
 WIDTHS: Final[tuple[int, ...]] = (4, 8, 16)
 """Channels of the three encoder stages, the same for every method."""
@@ -182,6 +183,13 @@ def evaluate(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> di
     return {metric.key: scores[metric.key] for metric in _METRICS}
 
 
+def intervals(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Interval]:
+    """Each task's AUROC with its 95 % bootstrap interval over the test scans (stratified by class:
+    :func:`benchmarks._stats.auroc_ci`, :data:`benchmarks._stats.TABLE_RESAMPLES` resamples)."""
+    return {f"{task}_auroc": auroc_ci(outputs[task].softmax(dim=1)[:, 1], targets[task], resamples=TABLE_RESAMPLES,
+                                      stratified=True) for task in TASKS}
+
+
 def _caption(task: str, value: Tensor) -> str:
     if value.ndim == 0:
         return f"{task}={int(value)}"
@@ -234,6 +242,7 @@ SCENARIO: Final[Scenario] = Scenario(
     load=_load,
     evaluate=evaluate,
     caption=_caption,
+    intervals=intervals,
     layout=LAYOUT,
     networks=("mtan", "ctan"),
     notes=_notes,

@@ -191,6 +191,11 @@ def test_quick_run_trains_stl_hps_and_ctan_with_mt_cool_and_reports_delta_m(tmp_
     assert ctan["lesion"][0] == pytest.approx(cooperative["lesion"][0], rel=0.1)
     assert ctan["lesion"][1] != cooperative["lesion"][1]  # ... then a different update rule
     assert any("diagnosis weights" in note for note in results["notes"])
+    # the macro AUROC carries its bootstrap interval over the test images; the samples sit at STL's Dice quartiles
+    for method in methods:
+        [interval] = summaries[method]["metrics"]["auroc"]["intervals"]
+        assert interval["estimate"] == pytest.approx(summaries[method]["metrics"]["auroc"]["mean"]) and interval["n"] == 24
+    assert len(results["samples"]["indices"]) == 3 and "AUROC, per seed [95 % CI]" in results["interval_table"]
 
 
 def test_default_methods_are_every_method_offered_with_mtan_and_ctan() -> None:

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,8 +22,9 @@ from benchmarks._learners import (
     label,
     offered_methods,
 )
+from benchmarks._images import ImageTasks
 from benchmarks._mechanism import MechanismProbe, pair_name, summarise_mechanism
-from benchmarks._multi_digits import TASKS, multi_digit_pairs, multi_digits
+from benchmarks._multi_digits import TASKS, digit_images, multi_digit_pairs, multi_digits
 from benchmarks._runs import streams_of
 from benchmarks._stats import paired_difference_ci
 from cooperative_opt import diagnostics
@@ -134,24 +134,6 @@ def test_the_probe_keeps_each_runs_records_and_the_vanilla_clamp_never_binds(
         results["mechanism"]["transfer"]["vanilla"]["pairs"]["left->right"]["series"])
 
 
-def test_the_sweep_runs_a_two_by_two_grid_on_the_validation_split(tmp_path: Path) -> None:
-    results = md.main(["--quick", "--no-progress", "--sweep", "--sweep-bounds", "0.01,0.05", "--sweep-weights",
-                       "0,1", "--train-size", "64", "--test-size", "32", "--epochs", "1", "--out-dir", str(tmp_path)])
-    assert (tmp_path / "multi_digits_sweep.png").stat().st_size > 0
-    written = json.loads((tmp_path / "multi_digits_sweep.json").read_text(encoding="utf-8"))
-    assert written["split"] == "validation" and written["method"] == "mt_cool_m2"
-    cells = written["cells"]
-    assert [(c["bound"], c["consistency_weight"]) for c in cells] == [(0.01, 0.0), (0.01, 1.0), (0.05, 0.0),
-                                                                        (0.05, 1.0)]
-    best = max(cells, key=lambda c: c["vs_joint"]["mean_acc"]["estimate"])
-    assert (written["best"]["bound"], written["best"]["consistency_weight"]) == (best["bound"],
-                                                                                 best["consistency_weight"])
-    for cell in cells:
-        difference = np.mean(cell["per_seed"]) - np.mean(written["joint"]["per_seed"])
-        assert cell["vs_joint"]["mean_acc"]["estimate"] == pytest.approx(difference)
-    assert results["config"]["seeds"] == [0, 1]
-
-
 def test_validation_pairs_never_touch_the_test_pool() -> None:
     pools = multi_digit_pairs(1, 1, seed=5, conflict=1.0)
     fit, held = md.validation_pairs(300, 200, seed=5, conflict=1.0)
@@ -160,12 +142,24 @@ def test_validation_pairs_never_touch_the_test_pool() -> None:
     assert not bool(torch.isin(torch.cat([fit, held]), pools.test_pool).any())
 
 
+def test_the_scenarios_validation_is_the_validation_pairs_split() -> None:
+    config = md.parse_args(["--quick", "--train-size", "40", "--test-size", "20", "--batch-size", "16"])[1]
+    found, parents = md.scenario_from_args(["--conflict", "0.5", "--quick"])
+    assert found.title == md.scenario(md.Testbed(conflict=0.5)).title and len(parents) == 1
+    assert found.validation is not None
+    held = found.validation(config, 3)
+    assert isinstance(held, ImageTasks) and held.source.endswith("(validation)")
+    fit_pairs, held_pairs = md.validation_pairs(40, 20, seed=3, conflict=0.5)
+    assert torch.equal(held.train_y["left"], digit_images()[1][fit_pairs[:, 0]])
+    assert torch.equal(held.test_y["right"], digit_images()[1][held_pairs[:, 1]])
+
+
 # ---------------------------------------------------------------------------
 # Flags, network, metrics
 
 
 @pytest.mark.parametrize("flags", [["--conflict", "1.5"], ["--conflict", "-0.1"], ["--conflict", "x"],
-                                   ["--width", "0"], ["--shift", "17"], ["--sweep-bounds", "a,b"]])
+                                   ["--width", "0"], ["--shift", "17"]])
 def test_bad_testbed_flags_exit_with_a_usage_error(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as raised:
         md.parse_args(["--quick", *flags])
@@ -175,7 +169,7 @@ def test_bad_testbed_flags_exit_with_a_usage_error(flags: list[str], capsys: pyt
 
 def test_bad_options_are_refused_naming_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="--data-dir '/x' is not used"):
-        md._sizes(md.parse_args(["--quick", "--data-dir", "/x"])[2])
+        md._sizes(md.parse_args(["--quick", "--data-dir", "/x"])[1])
     with pytest.raises(ValueError, match="drop --distributed"):
         md.parse_args(["--quick", "--distributed"])
     with pytest.raises(ValueError, match=r"--conflict must be a number in \[0, 1\]"):
@@ -188,17 +182,17 @@ def test_help_lists_the_testbed_flags_beside_the_drivers(capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         md.parse_args(["--help"])
     shown = capsys.readouterr().out
-    assert "--conflict" in shown and "--sweep-bounds" in shown and "--methods" in shown and "mt_cool_m2_l10" in shown
+    assert "--conflict" in shown and "--methods" in shown and "mt_cool_m2_l10" in shown and "--inner-batches" in shown
+    assert "--sweep" not in shown  # the parameter study is python -m benchmarks.sweep
 
 
 def test_defaults_run_every_method_plus_the_full_methods_settings() -> None:
-    testbed, sweep, config = md.parse_args([])
-    assert testbed == md.Testbed(1.0, 4, 2) and sweep is None
+    testbed, config = md.parse_args([])
+    assert testbed == md.Testbed(1.0, 4, 2)
     assert config.methods == md.METHODS
     assert md.METHODS == offered_methods(()) + md.STUDY_METHODS
     assert (len(config.seeds), config.epochs, config.train_size, config.optimizer, config.lr) == (10, 10, 3000,
                                                                                                    "adam", 0.002)
-    assert md.parse_args(["--sweep"])[2].seeds == (0, 1, 2, 3, 4)
     # the opt-in methods stay out of every other scenario's defaults
     assert not set(md.STUDY_METHODS) & set(even_odd.METHODS) and not set(md.STUDY_METHODS) & set(offered_methods(()))
 

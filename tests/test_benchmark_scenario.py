@@ -22,8 +22,9 @@ from benchmarks import _scenario, even_odd
 from benchmarks._figures import input_image
 from benchmarks._images import ImageTasks
 from benchmarks._learners import Problem, offered_methods
-from benchmarks._runs import batch_schedule, streams_of
+from benchmarks._runs import batch_schedule, quartile_indices, streams_of
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
+from benchmarks._stats import Interval, mean_ci
 from benchmarks._summary import mean_std
 
 TASKS = ("dose", "grade")
@@ -219,6 +220,42 @@ def test_a_3d_regression_scenario_runs_every_family_through_the_driver(tmp_path:
     assert on_disk["methods"]["mtan"]["runs"][0]["curves"] == on_disk["methods"]["joint"]["runs"][0]["curves"]
     for name in ("tiny3d.png", "tiny3d_curves.png", "tiny3d_samples.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _accuracy_interval(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Interval]:
+    correct = (outputs["grade"].argmax(dim=1) == targets["grade"]).double()
+    return {"grade_acc": mean_ci(correct, resamples=200)}
+
+
+def _target_mean(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+    return targets["dose"].flatten(1).mean(dim=1)  # known by construction: does not depend on the model
+
+
+def test_quartile_indices_pick_distinct_images_at_the_quartiles() -> None:
+    scores = torch.arange(100.0).flip(0)  # image i scores 99 - i
+    assert quartile_indices(scores).tolist() == [74, 49, 24]
+    assert quartile_indices(torch.tensor([0.3, 0.1, 0.2, 0.4])).tolist() == [2, 0, 3]
+    assert quartile_indices(torch.tensor([0.5, float("nan"), 0.1])).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="one score per test image"):
+        quartile_indices(torch.ones(2, 2))
+
+
+def test_samples_sit_at_independents_quartiles_and_intervals_reach_the_table(tmp_path: Path) -> None:
+    scored = replace(SCENARIO, sample_score=_target_mean, intervals=_accuracy_interval,
+                     defaults={**SCENARIO.defaults, "test_size": 12})
+    results = _scenario.main(scored, ["--methods", "independent,joint", "--out-dir", str(tmp_path), "--no-progress"])
+    expected = quartile_indices(_target_mean({}, _data(8, 12, 0).test_y)).tolist()
+    assert results["samples"]["indices"] == expected and len(set(expected)) == 3
+    for method in ("independent", "joint"):
+        summary = results["methods"][method]
+        [interval] = summary["metrics"]["grade_acc"]["intervals"]
+        assert interval["estimate"] == pytest.approx(summary["runs"][0]["final"]["grade_acc"])
+        assert interval["n"] == 12 and interval["low"] <= interval["estimate"] <= interval["high"]
+        assert "intervals" not in summary["metrics"]["dose_mae"]
+    assert results["interval_table"].splitlines()[0] == "| method | Grade acc (%), per seed [95 % CI] |"
+    assert (tmp_path / "tiny3d_samples.png").stat().st_size > 0
+    without = _scenario.main(SCENARIO, ["--methods", "joint", "--out-dir", str(tmp_path), "--no-progress"])
+    assert without["samples"]["indices"] is None and without["interval_table"] is None
 
 
 def test_methods_of_a_network_the_scenario_lacks_are_refused_naming_the_offered_ones() -> None:

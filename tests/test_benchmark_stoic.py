@@ -138,6 +138,10 @@ def test_quick_run_trains_stl_hps_ctan_and_mt_cool_on_ctan(tmp_path: Path) -> No
     ctan_loss = summaries["ctan"]["runs"][0]["curves"]["train_loss"]
     assert summaries["ctan_mt_cool"]["runs"][0]["curves"]["train_loss"] != ctan_loss
     assert set(summaries["ctan"]["runs"][0]["final"]) == {metric.key for metric in SCENARIO.metrics}
+    for key in ("covid_auroc", "severe_auroc"):  # each AUROC with its stratified bootstrap interval over the scans
+        [interval] = summaries["joint"]["metrics"][key]["intervals"]
+        assert interval["estimate"] == pytest.approx(summaries["joint"]["metrics"][key]["mean"]) and interval["n"] == 16
+    assert results["samples"]["indices"] is None  # no pixel-level task: the first scans
 
 
 def test_every_method_is_offered_by_default() -> None:

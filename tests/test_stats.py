@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from benchmarks._stats import auroc_ci, mean_ci, paired_difference_ci
 
@@ -132,6 +132,22 @@ def test_one_class_gives_nan_unless_stratified() -> None:
     assert kept.high == 1.0 and kept.low == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:No positive samples")
+def test_multiclass_auroc_is_torchmetrics_macro_over_the_present_classes() -> None:
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (200,), generator=g)  # class 4 of 5 never occurs
+    scores = torch.nn.functional.one_hot(labels, 5).double() + torch.randn(200, 5, generator=g, dtype=torch.float64)
+    per_class = multiclass_auroc(scores.float().softmax(dim=1), labels, num_classes=5, average="none")
+    ci = auroc_ci(scores.softmax(dim=1), labels, resamples=200, stratified=True)
+    assert ci.estimate == pytest.approx(float(per_class[:4].mean()), abs=1e-6)
+    assert 0.5 < ci.low < ci.estimate < ci.high <= 1.0 and ci.n == 200
+    rare = labels.clone()
+    rare[rare == 3] = 0
+    rare[0] = 3  # one example of class 3: a plain resample loses it about a third of the time
+    assert math.isnan(auroc_ci(scores, rare, resamples=200).low)
+    assert not math.isnan(auroc_ci(scores, rare, resamples=200, stratified=True).low)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -156,5 +172,9 @@ def test_bad_input_is_refused() -> None:
         auroc_ci([0.1, 0.2], [0, 2])
     with pytest.raises(ValueError, match="scores holds NaN"):
         auroc_ci([0.1, math.nan], [0, 1])
-    with pytest.raises(ValueError, match="scores has 2 values and labels 3"):
+    with pytest.raises(ValueError, match="scores has 2 examples and labels 3"):
         auroc_ci([0.1, 0.2], [0, 1, 1])
+    with pytest.raises(ValueError, match="labels must be class indices 0..2"):
+        auroc_ci(torch.rand(4, 3), [0, 1, 3, 1])
+    with pytest.raises(ValueError, match="C >= 2 classes"):
+        auroc_ci(torch.rand(4, 1), [0, 0, 0, 0])

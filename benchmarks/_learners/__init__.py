@@ -12,7 +12,16 @@ from benchmarks._learners._cooperative import CooperativeLearner
 from benchmarks._learners._gradient import GradientLearner
 from benchmarks._learners._independent import IndependentLearner
 from benchmarks._learners._joint import JointLearner
-from benchmarks._learners._problem import Batch, Learner, LossFn, Problem, Training, count_parameters, world_size
+from benchmarks._learners._problem import (
+    Batch,
+    InnerBatches,
+    Learner,
+    LossFn,
+    Problem,
+    Training,
+    count_parameters,
+    world_size,
+)
 from benchmarks._learners._registry import (
     COOPERATIVE_METHODS,
     DISTRIBUTED_METHODS,
@@ -42,6 +51,7 @@ __all__ = [
     "CooperativeLearner",
     "GradientLearner",
     "IndependentLearner",
+    "InnerBatches",
     "JointLearner",
     "Learner",
     "LossFn",

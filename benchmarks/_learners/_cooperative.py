@@ -18,14 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks._learners._joint import build_network, check_hard_shared, encoder_of, heads_of
-from benchmarks._learners._problem import Batch, Problem, Training, count_parameters
+from benchmarks._learners._problem import Batch, InnerBatches, Problem, Training, count_parameters
 
 __all__ = ["CooperativeLearner", "InnerBatches", "Reference", "UpdateOrder", "Variant", "missing_core_message"]
 
 Variant = Literal["vanilla", "without_reg", "mt_cool"]
 Reference = Literal["mean", "clean"]
 UpdateOrder = Literal["gauss_seidel", "jacobi"]
-InnerBatches = Literal["reuse", "fresh"]
 
 
 def missing_core_message(error: ImportError) -> str:
@@ -51,13 +50,14 @@ class CooperativeLearner:
             iteration per L ``train_step`` calls, inner step l on the l-th call's batch
             (``step([b_1, ..., b_L])``), so each task takes as many base steps on as many batches as
             Joint; a call that only collects its batch returns the last outer iteration's losses, and
-            batches still collected when training ends are not trained on.
+            batches still collected when training ends are not trained on. ``None``: the run's
+            (``training.inner_batches``).
         update_order: ``CooperativeOptimizer``'s ``update_order``.
     """
 
     def __init__(
         self, problem: Problem, training: Training, variant: Variant, reference: Reference = "mean",
-        network: str | None = None, *, inner_batches: InnerBatches = "reuse",
+        network: str | None = None, *, inner_batches: InnerBatches | None = None,
         update_order: UpdateOrder = "gauss_seidel",
     ) -> None:
         try:
@@ -111,7 +111,7 @@ class CooperativeLearner:
                 update_order=update_order,
             )
         self.num_parameters = count_parameters(self.model)
-        self.inner_batches: InnerBatches = inner_batches
+        self.inner_batches: InnerBatches = training.inner_batches if inner_batches is None else inner_batches
         self._collected: list[Mapping[str, Batch]] = []
 
     def train_step(self, batches: Mapping[str, Batch]) -> dict[str, float]:

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "Batch",
+    "InnerBatches",
     "Learner",
     "LossFn",
     "Problem",
@@ -30,6 +31,11 @@ masks, float32 regression targets)."""
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss(prediction, target) -> scalar``."""
+
+InnerBatches = Literal["reuse", "fresh"]
+"""Which batches MT-COOL's L inner steps train on: ``"reuse"``, every inner step on the training step's
+batch (L times Joint's base steps), or ``"fresh"``, one outer iteration per L training steps, inner step l
+on the l-th step's batch (Joint's base steps and batches); :class:`benchmarks._learners.CooperativeLearner`."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class Training:
         samples: MT-COOL noise samples M.
         noise: MT-COOL noise across ranks under torch.distributed: ``"identical"`` or ``"per_rank"``.
         inner_steps: MT-COOL inner steps L.
+        inner_batches: the batches of those L inner steps, ``"reuse"`` or ``"fresh"`` (:data:`InnerBatches`);
+            a method with its own (``MethodSpec.inner_batches``) keeps it.
         consistency_weight: MT-COOL lambda, ``None`` for the library default.
         warmup_steps: MT-COOL warm-up steps.
         running_stats: MT-COOL's BatchNorm running-statistics policy. ``"clean"`` (one
@@ -105,6 +113,7 @@ class Training:
     samples: int = 1
     noise: Literal["identical", "per_rank"] = "identical"
     inner_steps: int = 1
+    inner_batches: InnerBatches = "reuse"
     consistency_weight: float | None = None
     warmup_steps: int = 0
     running_stats: Literal["once", "every_sample", "frozen", "clean"] = "clean"

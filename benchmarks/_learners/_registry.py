@@ -12,8 +12,8 @@ A method is a learner family plus its options (docs/method.md, "Ablations"; docs
   the prefix, split between the tasks, trained by ``CooperativeOptimizer`` with the suffix's variant.
 - opt-in settings variants of ``mt_cool``, run only when named (``--methods``, or a scenario's
   ``defaults["methods"]``): ``mt_cool_m2``, ``mt_cool_m4`` (M = 2, 4 with the paper's mean
-  reference), ``mt_cool_m2_l10`` (M = 2, L = 10 inner steps with a fresh batch each) and
-  ``mt_cool_m2_jacobi`` (M = 2, ``update_order="jacobi"``).
+  reference), ``mt_cool_m2_l10`` (M = 2, L = 10 inner steps with a fresh batch each, whatever the
+  run's ``--inner-batches``) and ``mt_cool_m2_jacobi`` (M = 2, ``update_order="jacobi"``).
 
 Under ``torch.distributed`` (a default process group of more than one rank), each rank passes its
 own shard of the batch: the Joint-like learners train through ``DistributedDataParallel``, the
@@ -74,7 +74,8 @@ class MethodSpec:
         samples: M for this method, overriding ``Training.samples`` (``None``: the run's).
         inner_steps: L for this method, overriding ``Training.inner_steps`` (``None``: the run's).
         inner_batches: ``"reuse"`` (every inner step reuses the step's batch) or ``"fresh"`` (one
-            outer iteration per L training steps, inner step l on the l-th step's batch).
+            outer iteration per L training steps, inner step l on the l-th step's batch), overriding
+            ``Training.inner_batches`` (``None``: the run's, ``--inner-batches``).
         update_order: ``CooperativeOptimizer``'s ``update_order``.
         opt_in: left out of the default method list (:func:`offered_methods`); runs when named.
     """
@@ -85,7 +86,7 @@ class MethodSpec:
     reference: Reference = "mean"
     samples: int | None = None
     inner_steps: int | None = None
-    inner_batches: InnerBatches = "reuse"
+    inner_batches: InnerBatches | None = None
     update_order: UpdateOrder = "gauss_seidel"
     opt_in: bool = False
 
@@ -240,6 +241,7 @@ def build_learner(method: str, problem: Problem, training: Training) -> Learner:
     if spec.family == "gradient":
         return GradientLearner(problem, training, method)
     training = replace(training, samples=spec.samples or training.samples,
-                       inner_steps=spec.inner_steps or training.inner_steps)
+                       inner_steps=spec.inner_steps or training.inner_steps,
+                       inner_batches=spec.inner_batches or training.inner_batches)
     return CooperativeLearner(problem, training, spec.variant, spec.reference, spec.network,
-                              inner_batches=spec.inner_batches, update_order=spec.update_order)
+                              update_order=spec.update_order)
