@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
@@ -181,6 +182,19 @@ def _interval_record(interval: Interval) -> dict[str, float | int]:
     return {"estimate": interval.estimate, "low": interval.low, "high": interval.high, "n": interval.n}
 
 
+def _intervals(scenario: Scenario, method: str, seed: int, outputs: Mapping[str, Tensor],
+               targets: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``{"intervals": ...}`` of one run; a run whose outputs hold NaN or infinite values (it diverged) has
+    none: ``{"intervals": {}, "intervals_error": why}``, with a warning, rather than losing every other run."""
+    if scenario.intervals is None:
+        return {}
+    if not all(bool(torch.isfinite(value).all()) for value in outputs.values() if value.is_floating_point()):
+        why = f"{method} on seed {seed}: the final outputs hold NaN or infinite values (the run diverged)"
+        warnings.warn(f"no test-set intervals for {why}", RuntimeWarning, stacklevel=2)
+        return {"intervals": {}, "intervals_error": why}
+    return {"intervals": {key: _interval_record(i) for key, i in scenario.intervals(outputs, targets).items()}}
+
+
 def _run(
     scenario: Scenario, method: str, config: ScenarioConfig, problem: Problem, streams: Sequence[Stream],
     schedules: Sequence[Tensor], steps: int, seed: int, bar: Any, launch: Launch, probe: ProbeFactory | None = None,
@@ -236,7 +250,7 @@ def _run(
         "wall_time_s": time.perf_counter() - started,
     }
     if outputs and scenario.intervals is not None:
-        record["intervals"] = {key: _interval_record(i) for key, i in scenario.intervals(outputs, targets).items()}
+        record.update(_intervals(scenario, method, seed, outputs, targets))
     if watch is not None:
         record["probe"] = watch.finish()
     return record, outputs
@@ -311,7 +325,8 @@ def run_scenario(
                 if not chosen and (scenario.sample_score is None or BASELINE not in config.methods):
                     chosen = True
                 elif not chosen and method == BASELINE and scenario.sample_score is not None:
-                    picks, chosen = quartile_indices(scenario.sample_score(outputs, _test_targets(scenario, streams))), True
+                    scored = quartile_indices(scenario.sample_score(outputs, _test_targets(scenario, streams)))
+                    picks, chosen = (scored if scored.numel() else None), True  # all NaN: the first images
                 if chosen:
                     samples[method] = _chosen(outputs, picks)
                 else:

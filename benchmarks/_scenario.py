@@ -134,11 +134,12 @@ class Scenario:
             stratified share out of ``load``'s training data itself.
         intervals: ``intervals(outputs, targets)`` -> ``{metric key: Interval}``, bootstrap intervals over
             the test examples of some metrics (AUROC), computed once on the final outputs of each run and
-            printed in a table of their own; ``None``: none.
+            printed in a table of their own; ``None``: none. A run whose outputs hold NaN or infinite
+            values (it diverged) gets none: a warning and ``intervals_error`` in its record instead.
         sample_score: ``sample_score(outputs, targets)`` -> ``[N]`` per-test-image score (Dice) of the
             pixel-level tasks; the samples figure shows the first seed's images at the quartiles of
-            Independent's scores, as the MT-COOL paper's Fig. 2 does. ``None`` (or Independent not run):
-            the first test images.
+            Independent's scores, as the MT-COOL paper's Fig. 2 does. ``None`` (or Independent not run, or no
+            finite score): the first test images.
     """
 
     name: str

@@ -254,8 +254,34 @@ def test_samples_sit_at_independents_quartiles_and_intervals_reach_the_table(tmp
         assert "intervals" not in summary["metrics"]["dose_mae"]
     assert results["interval_table"].splitlines()[0] == "| method | Grade acc (%), per seed [95 % CI] |"
     assert (tmp_path / "tiny3d_samples.png").stat().st_size > 0
+    unscored = replace(scored, sample_score=lambda outputs, targets: torch.full((12,), math.nan))
+    fallback = _scenario.main(unscored, ["--methods", "independent", "--out-dir", str(tmp_path), "--no-progress"])
+    assert fallback["samples"]["indices"] is None  # no image scored (a diverged Independent): the first images
     without = _scenario.main(SCENARIO, ["--methods", "joint", "--out-dir", str(tmp_path), "--no-progress"])
     assert without["samples"]["indices"] is None and without["interval_table"] is None
+
+
+def test_a_diverged_run_gets_no_intervals_and_a_warning_instead_of_stopping_the_benchmark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import _runs
+
+    predict, calls = _runs._predict, []
+
+    def diverging(*args: Any) -> dict[str, Tensor]:  # independent's two evaluations, then NaN: joint diverged
+        calls.append(1)
+        outputs = predict(*args)
+        return outputs if len(calls) <= 2 else {t: torch.full_like(v, math.nan) for t, v in outputs.items()}
+
+    monkeypatch.setattr(_runs, "_predict", diverging)
+    scored = replace(SCENARIO, intervals=_accuracy_interval)
+    with pytest.warns(RuntimeWarning, match="joint on seed 0: the final outputs hold NaN"):
+        results = _scenario.main(scored, ["--methods", "independent,joint", "--out-dir", str(tmp_path),
+                                          "--no-progress"])
+    run = results["methods"]["joint"]["runs"][0]
+    assert run["intervals"] == {} and "diverged" in run["intervals_error"]
+    assert results["methods"]["independent"]["runs"][0]["intervals"]["grade_acc"]["n"] == 4
+    assert results["interval_table"].splitlines()[-1] == "| joint (HPS) | n/a |"
 
 
 def test_methods_of_a_network_the_scenario_lacks_are_refused_naming_the_offered_ones() -> None:
