@@ -260,8 +260,8 @@ class OuterIteration:
         if not self._excess:
             return
         with torch.no_grad():
-            torch._foreach_sign_(self._excess)  # +-1 where clamped, else 0: the fused 1-norm counts them
-            counts = torch._foreach_norm(self._excess, 1, dtype=self._count_dtype[index])
+            # nonzero exactly where clamped: the fused 0-"norm" counts the nonzero elements
+            counts = torch._foreach_norm(self._excess, 0, dtype=self._count_dtype[index])
         device = counts[0].device
         record.clamped[self.task_params[index].name] = torch.stack([c.to(device) for c in counts]).sum()
         self._excess = []
