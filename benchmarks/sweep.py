@@ -64,8 +64,6 @@ from typing import Any, Final, TypeVar
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from benchmarks._cli import config_record, finite, run_command
@@ -76,7 +74,7 @@ from benchmarks._options import parse_args as parse_scenario_args
 from benchmarks._runs import SeedData, run_scenario
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig
 from benchmarks._stats import Interval, mean_ci, paired_difference_ci
-from benchmarks._summary import interval_text
+from benchmarks._sweep_output import flag_text, heat_map, table
 
 __all__ = [
     "DEFAULT_GRID",
@@ -240,8 +238,8 @@ class Study:
     def test_command(self, cell: Cell) -> str:
         """The command that evaluates ``cell`` on the test split, beside Independent and Joint."""
         words = ["python", "-m", f"benchmarks.{self.module}", "--methods", f"independent,{BASELINE},{METHOD}",
-                 *self.driver_flags, "--bound", _text(cell.bound), "--samples", str(cell.samples),
-                 "--consistency-weight", _text(cell.consistency_weight), "--inner-steps", str(cell.inner_steps)]
+                 *self.driver_flags, "--bound", flag_text(cell.bound), "--samples", str(cell.samples),
+                 "--consistency-weight", flag_text(cell.consistency_weight), "--inner-steps", str(cell.inner_steps)]
         if self.config.inner_batches != "reuse":
             words += ["--inner-batches", self.config.inner_batches]
         return " ".join(shlex.quote(word) for word in words)
@@ -249,16 +247,6 @@ class Study:
 
 # ---------------------------------------------------------------------------
 # Command line
-
-
-def _text(value: object) -> str:
-    """A flag value as typed: ``0.05``, ``1`` for 1.0, ``a,b`` for a sequence."""
-    if isinstance(value, float):
-        text = repr(value)
-        return text[:-2] if text.endswith(".0") else text
-    if isinstance(value, (list, tuple)):
-        return ",".join(_text(v) for v in value)
-    return str(value)
 
 
 def _comma_list(kind: Callable[[str], _T], valid: Callable[[_T], bool], what: str, example: str
@@ -281,7 +269,7 @@ def _comma_list(kind: Callable[[str], _T], valid: Callable[[_T], bool], what: st
 
 
 def _shown(grid: Grid, key: str) -> str:
-    return ",".join(_text(v) for v in getattr(grid, key))
+    return ",".join(flag_text(v) for v in getattr(grid, key))
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
@@ -350,7 +338,7 @@ def _driver_flags(scenario: Scenario, config: ScenarioConfig, parents: Sequence[
         if name in _NOT_REPEATED or value is None or value == getattr(default, name):
             continue
         flag = scenario.flag(name) if name in SIZED else "--" + name.replace("_", "-")
-        flags += [flag] if isinstance(value, bool) else [flag, _text(value)]
+        flags += [flag] if isinstance(value, bool) else [flag, flag_text(value)]
     for parent in parents:
         given, base = vars(parent.parse_known_args(list(arguments))[0]), vars(parent.parse_known_args([])[0])
         for action in parent._actions:  # argparse keeps a parser's options only there
@@ -358,7 +346,7 @@ def _driver_flags(scenario: Scenario, config: ScenarioConfig, parents: Sequence[
                 continue
             value = given[action.dest]
             flags += [action.option_strings[-1]] if isinstance(value, bool) else [action.option_strings[-1],
-                                                                                 _text(value)]
+                                                                                 flag_text(value)]
     return tuple(flags)
 
 
@@ -583,96 +571,7 @@ def _notes(study: Study, metrics: Sequence[Metric]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Table, figure, output
-
-
-def _delta_cell(delta: Mapping[str, Any]) -> str:
-    return interval_text(delta["estimate"], delta["low"], delta["high"], " (no CI)")
-
-
-def _value(metric: Metric | None, value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    if metric is None or metric.percent:
-        return f"{100 * value:.2f}"
-    return f"{value:.4g}"
-
-
-def _table(results: Mapping[str, Any]) -> str:
-    """The markdown table: Joint, then one row per cell (b, M, λ, L, Δm vs Joint [95 % CI], metric means)."""
-    metrics = [Metric(**m) for m in results["metrics"]]
-    averaged = "metric_mean" in results["joint"]
-    headers = ["b", "M", "λ", "L", "Δm vs Joint (%) [95 % CI]", *(m.header for m in metrics)]
-    if averaged:
-        headers.append("mean (%)")
-    rows = ["| " + " | ".join(headers) + " | note |", "|" + "---:|" * len(headers) + "---|"]
-    joint = results["joint"]
-    cells = [_value(m, joint["mean"][m.key]) for m in metrics]
-    if averaged:
-        kept = [v for v in joint["metric_mean"]["per_seed"] if v is not None and math.isfinite(v)]
-        cells.append(_value(None, float(np.mean(kept)) if kept else None))
-    rows.append("| joint | – | – | – | 0 (baseline) | " + " | ".join(cells) + " | the same seeds and data |")
-    selected = results["selected"]
-    for index, cell in enumerate(results["cells"]):
-        values = [_value(m, cell["mean"][m.key]) for m in metrics]
-        if averaged:
-            values.append(_value(None, cell["metric_mean"]["mean"]))
-        notes = []
-        if selected is not None and selected["index"] == index:
-            notes.append("**selected**")
-        if not cell["ran"]:
-            notes.append(f"same run as λ = {_text(cell['same_run_as']['consistency_weight'])} "
-                         "(M = 1: λ has no effect)")
-        rows.append(f"| {_text(cell['bound'])} | {cell['samples']} | {_text(cell['consistency_weight'])} | "
-                    f"{cell['inner_steps']} | {_delta_cell(cell['delta_m'])} | " + " | ".join(values)
-                    + f" | {'; '.join(notes)} |")
-    return "\n".join(rows)
-
-
-def _plot(results: Mapping[str, Any], path: Path) -> None:
-    """The heat map: one panel per (M, L), rows b, columns λ, one colour scale centred at 0 for all."""
-    grid = results["grid"]
-    bounds, samples, weights, steps = grid["bound"], grid["samples"], grid["consistency_weight"], grid["inner_steps"]
-    estimates = [c["delta_m"]["estimate"] for c in results["cells"]]
-    finite_values = [abs(v) for v in estimates if v is not None and math.isfinite(v)]
-    limit = max(max(finite_values, default=1.0), 1e-3)
-    figure = Figure(figsize=(len(steps) * (1.45 * len(weights) + 1.4) + 1.2, len(samples) * (0.85 * len(bounds) + 1.1)
-                             + 0.9), layout="constrained")
-    axes = figure.subplots(len(samples), len(steps), squeeze=False)
-    image = None
-    selected = results["selected"]
-    for row, m in enumerate(samples):
-        for column, inner in enumerate(steps):
-            axis = axes[row, column]
-            values = np.full((len(bounds), len(weights)), np.nan)
-            for index, cell in enumerate(results["cells"]):
-                if cell["samples"] != m or cell["inner_steps"] != inner:
-                    continue
-                i, j = bounds.index(cell["bound"]), weights.index(cell["consistency_weight"])
-                delta = cell["delta_m"]
-                estimate = delta["estimate"]
-                if estimate is not None and math.isfinite(estimate):
-                    values[i, j] = estimate
-                low, high = delta["low"], delta["high"]
-                interval = "" if low is None or high is None else f"\n[{low:+.1f}, {high:+.1f}]"
-                text = "n/a" if estimate is None or not math.isfinite(estimate) else f"{estimate:+.2f}{interval}"
-                dark = estimate is not None and math.isfinite(estimate) and abs(estimate) > 0.6 * limit
-                axis.text(j, i, text, ha="center", va="center", fontsize=7.5, color="white" if dark else "black")
-                if selected is not None and selected["index"] == index:
-                    axis.add_patch(Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, edgecolor="black",
-                                             linewidth=2.2))
-            image = axis.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-            axis.set_xticks(range(len(weights)), [_text(w) for w in weights])
-            axis.set_yticks(range(len(bounds)), [_text(b) for b in bounds])
-            axis.set_xlabel("consistency weight λ", fontsize=8)
-            axis.set_ylabel("bound b", fontsize=8)
-            axis.set_title(f"M = {m}, L = {inner}" + (" (λ has no effect: one run)" if m == 1 else ""), fontsize=9)
-    if image is not None:
-        figure.colorbar(image, ax=list(axes.ravel()), label="Δm vs Joint (%)", shrink=0.9)
-    seeds = len(results["config"]["seeds"])
-    figure.suptitle(f"{results['scenario']}: {METHOD} Δm vs Joint (%), mean [95 % CI] over {seeds} seeds, "
-                    "validation split; outlined: selected", fontsize=10)
-    figure.savefig(path, dpi=110)
+# Output
 
 
 def _write(results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -680,10 +579,10 @@ def _write(results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     name = results["scenario"]
     paths = {"json": out_dir / f"sweep_{name}.json", "heatmap": out_dir / f"sweep_{name}.png"}
     results["outputs"] = {key: str(path) for key, path in paths.items()}
-    results["table"] = _table(results)
+    results["table"] = table(results)
     results = finite(results)
     paths["json"].write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    _plot(results, paths["heatmap"])
+    heat_map(results, paths["heatmap"])
     print(f"{results['title']}, {len(results['config']['seeds'])} seeds; Δm of {METHOD} against Joint on the same "
           "seed, 95 % bootstrap interval over seeds:\n")
     print(results["table"])
@@ -692,8 +591,8 @@ def _write(results: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     if selected is None:
         print("\nno cell has a finite Δm: nothing selected")
     else:
-        print(f"\nselected (largest Δm on the validation split): b = {_text(selected['bound'])}, "
-              f"M = {selected['samples']}, λ = {_text(selected['consistency_weight'])}, "
+        print(f"\nselected (largest Δm on the validation split): b = {flag_text(selected['bound'])}, "
+              f"M = {selected['samples']}, λ = {flag_text(selected['consistency_weight'])}, "
               f"L = {selected['inner_steps']}: {selected['reading']}")
         print(f"evaluate it on the test split:\n  {selected['test_command']}")
     print(f"\nwall time {results['wall_time_s']:.1f} s; wrote {paths['json']} and {paths['heatmap']}")
