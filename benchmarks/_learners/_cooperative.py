@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from benchmarks._learners._joint import build_network, check_hard_shared, encoder_of, heads_of
-from benchmarks._learners._problem import Batch, InnerBatches, Problem, Training, count_parameters
+from benchmarks._learners._problem import Batch, InnerBatches, OneNetwork, Problem, Training, count_parameters
+
+if TYPE_CHECKING:
+    from cooperative_opt import CooperativeOptimizer
 
 __all__ = ["CooperativeLearner", "InnerBatches", "Reference", "UpdateOrder", "Variant", "missing_core_message"]
 
@@ -35,7 +37,7 @@ def missing_core_message(error: ImportError) -> str:
     )
 
 
-class CooperativeLearner:
+class CooperativeLearner(OneNetwork):
     """MT-COOL or one of its ablations on a split network, trained by ``CooperativeOptimizer``.
 
     Args:
@@ -54,6 +56,8 @@ class CooperativeLearner:
             (``training.inner_batches``).
         update_order: ``CooperativeOptimizer``'s ``update_order``.
     """
+
+    optimizer: CooperativeOptimizer
 
     def __init__(
         self, problem: Problem, training: Training, variant: Variant, reference: Reference = "mean",
@@ -124,13 +128,3 @@ class CooperativeLearner:
                 report, self._collected = self.optimizer.step(self._collected), []
         # A task skipped for a non-finite loss has no entry; record it as NaN.
         return {task: math.nan if report is None else float(report.losses.get(task, math.nan)) for task in batches}
-
-    def predict(self, x: Tensor, task: str) -> Tensor:
-        prediction: Tensor = self.model(x, task)
-        return prediction
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer]

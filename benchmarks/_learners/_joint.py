@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from benchmarks._learners._problem import (
     Batch,
     LossFn,
+    OneNetwork,
     Problem,
     Training,
     count_parameters,
@@ -192,7 +193,7 @@ class _NetworkLosses(nn.Module):
         return {task: self.losses[task](outputs[task], y) for task, (_, y) in batches.items()}
 
 
-class JointLearner:
+class JointLearner(OneNetwork):
     """Joint: one multi-task network, one optimizer, loss = sum of the task losses.
 
     Args:
@@ -225,13 +226,3 @@ class JointLearner:
         torch.stack(list(losses.values())).sum().backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         return {task: loss.item() for task, loss in losses.items()}
-
-    def predict(self, x: Tensor, task: str) -> Tensor:
-        prediction: Tensor = self.model(x, task)
-        return prediction
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer]

@@ -17,6 +17,7 @@ __all__ = [
     "InnerBatches",
     "Learner",
     "LossFn",
+    "OneNetwork",
     "Problem",
     "Training",
     "count_parameters",
@@ -160,6 +161,24 @@ class Learner(Protocol):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Every optimizer the method steps (for learning-rate schedulers)."""
         ...
+
+
+class OneNetwork:
+    """The :class:`Learner` methods of a learner with one multi-task network ``model`` (``model(x, task)``)
+    and one optimizer ``optimizer``; the subclass sets both and ``num_parameters``, and writes ``train_step``."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def predict(self, x: Tensor, task: str) -> Tensor:
+        prediction: Tensor = self.model(x, task)
+        return prediction
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
 
 
 def count_parameters(module: nn.Module) -> int:
