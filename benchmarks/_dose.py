@@ -210,19 +210,8 @@ def oar_labels(masks: Mapping[str, Tensor]) -> Tensor:
         >>> oar_labels({"Mandible": mandible, "SpinalCord": cord}).tolist()  # the cord wins the shared pixel
         [2, 2, 7]
     """
-    unknown = sorted(set(masks) - set(OARS))
-    if unknown:
-        raise ValueError(f"masks has unknown OARs {unknown}; the OARs are {list(OARS)}")
-    if not masks:
-        raise ValueError("masks is empty; give at least one OAR mask (an all-False mask for none)")
-    shape = next(iter(masks.values())).shape
-    labels = torch.zeros(shape, dtype=torch.int64)
-    for name in reversed(OAR_PRIORITY):  # highest priority painted last
-        if name in masks:
-            if masks[name].shape != shape:
-                raise ValueError(f"masks[{name!r}] has shape {tuple(masks[name].shape)}, the others {tuple(shape)}")
-            labels[masks[name].bool()] = OARS.index(name) + 1
-    return labels
+    values = {name: OARS.index(name) + 1 for name in reversed(OAR_PRIORITY)}  # highest priority painted last
+    return _paint(masks, values, torch.int64, "OARs", OARS, " (an all-False mask for none)")
 
 
 def ptv_map(masks: Mapping[str, Tensor]) -> Tensor:
@@ -232,17 +221,27 @@ def ptv_map(masks: Mapping[str, Tensor]) -> Tensor:
         >>> ptv_map({"PTV70": torch.tensor([True, False, False]), "PTV56": torch.tensor([True, True, False])})
         tensor([1.0000, 0.8000, 0.0000])
     """
-    unknown = sorted(set(masks) - set(TARGETS))
+    values = {name: PRESCRIPTIONS[name] / _PTV_SCALE for name in TARGETS}  # ascending: the higher painted last
+    return _paint(masks, values, torch.float32, "targets", TARGETS)
+
+
+def _paint(masks: Mapping[str, Tensor], values: Mapping[str, float], dtype: torch.dtype, what: str,
+           known: Sequence[str], none_hint: str = "") -> Tensor:
+    """A map of ``masks``' shape: 0, then each mask in ``values`` order painted with its value (a later mask
+    wins a shared pixel); ``what`` and ``known`` name the structures in errors."""
+    unknown = sorted(set(masks) - set(known))
     if unknown:
-        raise ValueError(f"masks has unknown targets {unknown}; the targets are {list(TARGETS)}")
+        raise ValueError(f"masks has unknown {what} {unknown}; the {what} are {list(known)}")
     if not masks:
-        raise ValueError("masks is empty; give at least one target mask")
+        raise ValueError(f"masks is empty; give at least one {what[:-1]} mask{none_hint}")
     shape = next(iter(masks.values())).shape
-    channel = torch.zeros(shape, dtype=torch.float32)
-    for name in TARGETS:  # ascending prescription: the higher one is painted last
+    painted = torch.zeros(shape, dtype=dtype)
+    for name, value in values.items():
         if name in masks:
-            channel[masks[name].bool()] = PRESCRIPTIONS[name] / _PTV_SCALE
-    return channel
+            if masks[name].shape != shape:
+                raise ValueError(f"masks[{name!r}] has shape {tuple(masks[name].shape)}, the others {tuple(shape)}")
+            painted[masks[name].bool()] = value
+    return painted
 
 
 def roi_masks(inputs: Tensor, structures: Tensor) -> dict[str, Tensor]:
