@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from benchmarks._learners import Batch, CooperativeLearner, JointLearner, Learner, label
 from benchmarks._learners._joint import encoder_of, heads_of
 from benchmarks._runs import Probe, Stream
-from benchmarks._stats import Interval, mean_ci, paired_difference_ci
+from benchmarks._stats import mean_ci, paired_difference_ci
 
 __all__ = ["DEFAULT_RADII", "MechanismProbe", "pair_name", "plot_flatness", "plot_transfer", "summarise_mechanism"]
 
@@ -200,15 +200,6 @@ class MechanismProbe:
 # Over seeds
 
 
-def _interval(interval: Interval) -> dict[str, float | int]:
-    record: dict[str, float | int] = {"estimate": interval.estimate, "low": interval.low, "high": interval.high,
-                                      "n": interval.n}
-    p = getattr(interval, "p_le_zero", None)
-    if p is not None:
-        record["p_le_zero"] = p
-    return record
-
-
 def _column_mean(rows: Sequence[Sequence[float]]) -> list[float]:
     """Mean over seeds per position, over the positions every seed has."""
     length = min(len(row) for row in rows)
@@ -252,7 +243,7 @@ def summarise_mechanism(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, A
                 mean_over_tasks = np.mean(np.asarray(list(p["clamped"].values()), dtype=np.float64), axis=0)
                 rows.append([float(v) for v in np.atleast_1d(mean_over_tasks)])
                 per_seed.append(_cooperative_mean(rows[-1], p["iterations"], cooperative))
-            clamped[method] = {"per_seed": per_seed, "mean": _interval(mean_ci(per_seed)),
+            clamped[method] = {"per_seed": per_seed, "mean": mean_ci(per_seed).record(),
                                "series": _column_mean(rows), "iterations": probes[0]["iterations"]}
         if all("transfer" in p for p in probes):
             pairs: dict[str, Any] = {}
@@ -263,7 +254,7 @@ def summarise_mechanism(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, A
                                    if phase == "cooperative"}
                     rows.append([math.nan if v is None else float(v) for v in p["transfer"]["pairs"][pair]])
                     per_seed.append(_cooperative_mean(rows[-1], p["transfer"]["iterations"], cooperative))
-                pairs[pair] = {"per_seed": per_seed, "mean": _interval(mean_ci(per_seed)),
+                pairs[pair] = {"per_seed": per_seed, "mean": mean_ci(per_seed).record(),
                                "series": _column_mean(rows), "iterations": probes[0]["transfer"]["iterations"]}
             warmup = [i for i, phase in zip(probes[0]["iterations"], probes[0]["phase"], strict=True)
                       if phase == "warmup"]
@@ -277,7 +268,7 @@ def summarise_mechanism(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, A
                 tasks[task] = {
                     "loss": [float(v) for v in curves.mean(axis=0)],
                     "rise": [float(v) for v in rise.mean(axis=0)],
-                    "rise_ci": [_interval(mean_ci(rise[:, j].tolist())) for j in range(len(radii))],
+                    "rise_ci": [mean_ci(rise[:, j].tolist()).record() for j in range(len(radii))],
                     "per_seed": curves.tolist(),
                 }
             flatness[JOINT_SPLIT if method == "joint" else method] = {"radii": radii, "tasks": tasks}
@@ -286,7 +277,7 @@ def summarise_mechanism(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, A
         for method, entry in transfer.items():
             for pair, values in entry["pairs"].items():
                 if method != "vanilla" and pair in base:
-                    values["vs_vanilla"] = _interval(paired_difference_ci(values["per_seed"], base[pair]["per_seed"]))
+                    values["vs_vanilla"] = paired_difference_ci(values["per_seed"], base[pair]["per_seed"]).record()
     return {
         "transfer": transfer,
         "clamped": clamped,

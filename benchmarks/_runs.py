@@ -28,7 +28,6 @@ from benchmarks._learners import (
     check_offered,
     count_parameters,
 )
-from benchmarks._stats import Interval
 from benchmarks._summary import BASELINE, add_delta_m, interval_table, markdown_table, summarise
 
 if TYPE_CHECKING:
@@ -178,10 +177,6 @@ def quartile_indices(scores: Tensor) -> Tensor:
     return order[[int(q * order.numel()) for q in QUARTILES]]
 
 
-def _interval_record(interval: Interval) -> dict[str, float | int]:
-    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high, "n": interval.n}
-
-
 def _intervals(scenario: Scenario, method: str, seed: int, outputs: Mapping[str, Tensor],
                targets: Mapping[str, Tensor]) -> dict[str, Any]:
     """``{"intervals": ...}`` of one run; a run whose outputs hold NaN or infinite values (it diverged) has
@@ -192,7 +187,7 @@ def _intervals(scenario: Scenario, method: str, seed: int, outputs: Mapping[str,
         why = f"{method} on seed {seed}: the final outputs hold NaN or infinite values (the run diverged)"
         warnings.warn(f"no test-set intervals for {why}", RuntimeWarning, stacklevel=2)
         return {"intervals": {}, "intervals_error": why}
-    return {"intervals": {key: _interval_record(i) for key, i in scenario.intervals(outputs, targets).items()}}
+    return {"intervals": {key: i.record() for key, i in scenario.intervals(outputs, targets).items()}}
 
 
 def _run(

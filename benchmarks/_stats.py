@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Final, Union
 
 import numpy as np
@@ -59,6 +59,15 @@ class Interval:
     high: float
     confidence: float
     n: int
+
+    def record(self) -> dict[str, float | int]:
+        """Every field, for the JSON results (``p_le_zero`` too for a :class:`PairedInterval`).
+
+        Example:
+            >>> Interval(0.5, 0.25, 0.75, 0.95, 10).record()
+            {'estimate': 0.5, 'low': 0.25, 'high': 0.75, 'confidence': 0.95, 'n': 10}
+        """
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def excludes_zero(self) -> bool:

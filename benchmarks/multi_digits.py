@@ -82,7 +82,7 @@ from benchmarks._multi_digits import (
 from benchmarks._options import parse_args as parse_scenario_args
 from benchmarks._runs import run_scenario
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
-from benchmarks._stats import PairedInterval, paired_difference_ci
+from benchmarks._stats import paired_difference_ci
 from benchmarks._summary import add_delta_m, markdown_table
 
 __all__ = [
@@ -429,13 +429,8 @@ def _keys() -> tuple[str, ...]:
     return (*(f"{task}_acc" for task in TASKS), MEAN)
 
 
-def _interval(interval: PairedInterval) -> dict[str, float | int]:
-    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high,
-            "p_le_zero": interval.p_le_zero, "n": interval.n, "confidence": interval.confidence}
-
-
 def _paired(methods: Mapping[str, Mapping[str, Any]], method: str, baseline: str) -> dict[str, dict[str, float | int]]:
-    return {key: _interval(paired_difference_ci(_per_seed(methods[method], key), _per_seed(methods[baseline], key)))
+    return {key: paired_difference_ci(_per_seed(methods[method], key), _per_seed(methods[baseline], key)).record()
             for key in _keys()}
 
 

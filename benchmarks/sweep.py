@@ -427,10 +427,6 @@ def _per_seed(results: Mapping[str, Any], method: str, metrics: Sequence[Metric]
     return {m.key: [math.nan if v is None else float(v) for v in entry[m.key]["per_seed"]] for m in metrics}
 
 
-def _interval(interval: Interval) -> dict[str, Any]:
-    return asdict(interval)
-
-
 def _averaged(metrics: Sequence[Metric]) -> bool:
     """Whether the metrics' plain mean means something: two or more percentages of one direction."""
     return len(metrics) > 1 and all(m.percent and m.higher_is_better == metrics[0].higher_is_better for m in metrics)
@@ -451,13 +447,13 @@ def _entry(cell: Cell, runs: Mapping[str, list[float]], joint: Mapping[str, list
         "per_seed": dict(runs),
         "mean": {key: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for key, v in runs.items()},
         "delta_m_per_seed": deltas,
-        "delta_m": _interval(mean_ci(deltas)),
+        "delta_m": mean_ci(deltas).record(),
     }
     if _averaged(metrics):
         mine, theirs = _seed_means(runs), _seed_means(joint)
         kept = [v for v in mine if math.isfinite(v)]
         entry["metric_mean"] = {"per_seed": mine, "mean": float(np.mean(kept)) if kept else math.nan,
-                                "vs_joint": _interval(paired_difference_ci(mine, theirs))}
+                                "vs_joint": paired_difference_ci(mine, theirs).record()}
     return entry
 
 
