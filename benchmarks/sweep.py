@@ -479,9 +479,23 @@ def selection_reading(delta: Mapping[str, Any]) -> str:
     return f"{shown}: the interval contains 0, a tie with Joint"
 
 
+def _loaded_once(load: Callable[[ScenarioConfig, int], SeedData]) -> Callable[[ScenarioConfig, int], SeedData]:
+    """``load`` that reads or generates each seed's data once per study: every run of a study (Joint and each
+    cell) shares the configuration ``load`` reads; only the methods and MT-COOL's settings differ."""
+    data: dict[int, SeedData] = {}
+
+    def once(config: ScenarioConfig, seed: int) -> SeedData:
+        if seed not in data:
+            data[seed] = load(config, seed)
+        return data[seed]
+
+    return once
+
+
 def _run(study: Study) -> dict[str, Any]:
     started = time.perf_counter()
     scenario, note = validation_scenario(study.scenario)
+    scenario = replace(scenario, load=_loaded_once(scenario.load))
     metrics = scenario.metrics
     quiet = replace(study.config, progress=False)
     runs = study.grid.runs()

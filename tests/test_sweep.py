@@ -317,3 +317,17 @@ def test_inner_batches_fresh_reaches_the_learner_through_the_driver() -> None:
                                                                     "--methods", "mt_cool,mt_cool_m2_l10"]),
                  probe=probe)
     assert seen == [("mt_cool", "reuse"), ("mt_cool_m2_l10", "fresh")]  # the default path is unchanged
+
+
+def test_every_run_of_a_study_shares_one_load_per_seed() -> None:
+    loads: list[int] = []
+
+    def load(config: Any, seed: int) -> Any:
+        loads.append(seed)
+        return {"seed": seed}
+
+    once = sweep._loaded_once(load)
+    config = object()
+    first = [once(config, seed) for seed in (0, 1)]  # type: ignore[arg-type]
+    again = [once(config, seed) for seed in (0, 1, 0)]  # type: ignore[arg-type]
+    assert loads == [0, 1] and again[0] is first[0] and again[1] is first[1]
