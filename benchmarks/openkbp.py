@@ -77,7 +77,7 @@ loss reads.
 Data: by default the documented synthetic head-and-neck generator
 :func:`benchmarks._dose.synthetic_openkbp` (no download; each seed draws its
 own slices); ``--data-dir`` reads the real OpenKBP challenge data
-(:data:`benchmarks._dose.LAYOUT`; 8 slices with a PTV per patient, cropped
+(:data:`benchmarks._openkbp_files.LAYOUT`; 8 slices with a PTV per patient, cropped
 around the body, split by patient with the seed).
 
 Run size (this project's choice, timed with one thread): a default run trains
@@ -114,20 +114,12 @@ from torch import Tensor, nn
 import architectures
 from architectures import Backbone, PixelTask, TaskSpec
 from benchmarks import _scenario, _unet
-from benchmarks._dose import (
-    CHANNELS,
-    LAYOUT,
-    OARS,
-    STRUCTURE_CLASSES,
-    TASKS,
-    load_openkbp,
-    roi_masks,
-    synthetic_openkbp,
-)
+from benchmarks._dose import CHANNELS, OARS, STRUCTURE_CLASSES, TASKS, roi_masks, synthetic_openkbp
 from benchmarks._dose_metrics import OAR_NEAR_MAX, dose_score, dvh_score, masked_l1
 from benchmarks._images import ImageTasks
 from benchmarks._learners import Problem
 from benchmarks._metrics import dice_iou
+from benchmarks._openkbp_files import LAYOUT, load_openkbp
 from benchmarks._scenario import Metric, Scenario, ScenarioConfig, SeedData
 
 __all__ = ["DOSE_SCALE", "PTV_KEY", "SCENARIO", "WIDTHS", "dose_loss", "evaluate", "main", "problem",

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import benchmarks.openkbp as openkbp
-from benchmarks._dose import OARS, STRUCTURE_CLASSES, TASKS, VOLUME_SHAPE, synthetic_openkbp
+from benchmarks._dose import OARS, STRUCTURE_CLASSES, TASKS, synthetic_openkbp
+from benchmarks._openkbp_files import VOLUME_SHAPE
 from benchmarks._learners import label as method_label
 from benchmarks._scenario import cli, parse_args
 from benchmarks.openkbp import DOSE_SCALE, PTV_KEY, SCENARIO, WIDTHS, dose_loss, evaluate, main, problem

@@ -18,16 +18,15 @@ from benchmarks._dose import (
     PRESCRIPTIONS,
     STRUCTURE_CLASSES,
     TARGETS,
-    load_openkbp,
     normalise_ct,
     oar_labels,
     ptv_map,
-    read_sparse_csv,
     roi_masks,
     synthetic_openkbp,
     synthetic_slices,
 )
 from benchmarks._dose_metrics import dose_score, dvh_metrics, dvh_score, masked_l1, possible_dose_mask
+from benchmarks._openkbp_files import VOLUME_SHAPE, load_openkbp, read_sparse_csv
 
 NAN = math.nan
 
@@ -256,7 +255,7 @@ def test_real_layout_slices_are_evenly_spaced_and_resized(openkbp: Path) -> None
 
 
 def test_real_layout_reads_the_full_128_volume(tmp_path: Path) -> None:
-    shape = _dose.VOLUME_SHAPE
+    shape = VOLUME_SHAPE
     for number in (1, 2):
         folder = tmp_path / "train-pats" / f"pt_{number}"
         folder.mkdir(parents=True)
