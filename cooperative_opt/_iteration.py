@@ -17,8 +17,8 @@ scaling were, this is the one place where parameters move.
 - If the loop is left early (an exception in user code, ``break``), the
   interrupted task is put back as it was before its turn: statistics, and
   with ``inner_steps > 1`` its slices (from the anchor) and head.
-- The clamp also tallies which elements it changed (``StepReport.clamped``)
-  with a few more ``_foreach`` ops and no host sync until the report is made.
+- The clamp (``cooperative_opt._clamp``) also tallies which elements it
+  changed (``StepReport.clamped``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from cooperative_opt._clamp import TurnClamp
 from cooperative_opt._distributed import Ranks
 from cooperative_opt._ownership import TaskParameters
 from cooperative_opt._perturb import WARMUP, Perturber
@@ -113,8 +114,7 @@ class OuterIteration:
         # slice (a norm may not narrow its input's dtype)
         self._count_dtype = [torch.float64 if any(p.dtype == torch.float64 for p in tp.encoder) else torch.float32
                              for tp in self.task_params]
-        # per element of the active task's slices, > 0 where the clamp changed it in some inner step of its turn
-        self._excess: list[Tensor] = []
+        self._clamp = TurnClamp(settings.clamp_bound, settings.inner_steps)
 
     @property
     def phase(self) -> Phase:
@@ -199,7 +199,7 @@ class OuterIteration:
             if self.ranks is not None:
                 self.ranks.activate(())
             self._bank.clear()
-            self._excess = []
+            self._clamp.reset()
             self.base.zero_grad(set_to_none=True)
             self.record = None
             if finished:
@@ -232,39 +232,15 @@ class OuterIteration:
             for p in self._not_owned_by[self.active]:
                 p.grad = None  # discarded, never applied: only the active task moves
             self.base.step()
-            self._clamp(self.active)
+            self._clamp.apply(list(self.task_params[self.active].encoder), self._anchor_of[self.active])
         self._stepped = True
 
-    def _clamp(self, index: int) -> None:
-        theta: list[Tensor] = list(self.task_params[index].encoder)
-        bound = self.settings.clamp_bound
-        if not theta or bound is None:
-            return
-        anchor = self._anchor_of[index]
-        with torch.no_grad():
-            before = list(torch._foreach_clone(theta))
-            torch._foreach_maximum_(theta, list(torch._foreach_sub(anchor, bound)))
-            torch._foreach_minimum_(theta, list(torch._foreach_add(anchor, bound)))
-            # before - after is nonzero exactly where the clamp changed an element (the difference of two
-            # distinct floats is never 0); over several inner steps, the elementwise max of its magnitude
-            torch._foreach_sub_(before, theta)
-            if self.settings.inner_steps > 1:
-                torch._foreach_abs_(before)
-            if self._excess:
-                torch._foreach_maximum_(self._excess, before)
-            else:
-                self._excess = before
-
     def _tally_clamped(self, record: Record, index: int) -> None:
-        """Record how many of task ``index``'s slice elements its turn clamped (a device tensor: no sync)."""
-        if not self._excess:
-            return
-        with torch.no_grad():
-            # nonzero exactly where clamped: the fused 0-"norm" counts the nonzero elements
-            counts = torch._foreach_norm(self._excess, 0, dtype=self._count_dtype[index])
-        device = counts[0].device
-        record.clamped[self.task_params[index].name] = torch.stack([c.to(device) for c in counts]).sum()
-        self._excess = []
+        """Record how many of task ``index``'s slice elements its turn clamped (a device tensor)."""
+        count = self._clamp.tally(self._count_dtype[index])
+        if count is not None:
+            record.clamped[self.task_params[index].name] = count
+        self._clamp.reset()
 
     def _deposit(self) -> None:
         """Warm-up: move this task's gradients into the bank (Eq. 7 sums the tasks' losses)."""
