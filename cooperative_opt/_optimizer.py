@@ -114,10 +114,11 @@ class CooperativeOptimizer(torch.optim.Optimizer):
         seed: seeds the noise generator; ``None`` draws one from torch's global RNG.
         sliced_layers: during a task's perturbed forward, evaluate each
             convolution or linear layer whose weight is a concatenation of
-            task slices one slice at a time, so the backward computes weight
-            gradients of the updated task's slices only (see
-            :mod:`cooperative_opt._sliced`). The same function up to float
-            rounding; ``False`` runs such layers whole, bit-identical to a
+            task slices so that the backward computes the weight gradients
+            of the updated task's slices only (see
+            :mod:`cooperative_opt._sliced`). The forward is the same call;
+            those weight gradients agree up to float rounding; ``False``
+            runs such layers through plain autograd, bit-identical to a
             plain implementation.
         task_parameters: ``{task: [(name, param), ...]}`` encoder slices, if not
             produced by :func:`adapters.split_channels`.

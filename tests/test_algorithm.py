@@ -54,7 +54,7 @@ def test_vanilla_matches_reference_exactly(names: list[str]) -> None:
 
 @pytest.mark.parametrize("names", [["a", "b"], ["a", "b", "c"], ["w", "x", "y", "z"]])
 def test_vanilla_sliced_layers_match_reference(names: list[str]) -> None:
-    """Slice-by-slice layers (the default) differ from the reference by float rounding only."""
+    """Sliced layers (the default) differ from the reference by float rounding only."""
     model, ref_model = _twin(names)
     opt = CooperativeOptimizer(model, make_tasks(model, names), torch.optim.SGD, lr=0.1, variant="vanilla")
     ref = _reference(ref_model, names, lr=0.1, clamp_bound=None)

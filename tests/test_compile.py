@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-import torch.nn.functional as F
 from torch import Tensor, nn
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
@@ -76,18 +77,34 @@ def test_compiled_model_trains_50_iterations_with_a_fixed_number_of_graphs() -> 
 
 
 def test_slicing_survives_compilation() -> None:
-    calls = {}
+    """Compiled, each split layer is one captured autograd function whose backward computes the trained
+    slice's weight gradient only: the backward graphs' weight-gradient products have half the rows."""
+    weight_rows: dict[bool, list[int]] = {}
     for sliced in (False, True):
         torch._dynamo.reset()
+        backward: list[torch.fx.GraphModule] = []
+
+        def forward_compiler(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+            return make_boxed_func(gm.forward)
+
+        def backward_compiler(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+            backward.append(gm)
+            return make_boxed_func(gm.forward)
+
         model, opt = _build(variant="without_reg", sliced_layers=sliced)
-        backend = CompileCounterWithBackend("aot_eager")
-        user_loop(torch.compile(model, backend=backend, fullgraph=True), opt, make_batches(NAMES))
-        assert backend.frame_count == len(NAMES)
-        ops = Counter(n.target for g in backend.graphs for n in g.graph.nodes if n.op == "call_function")
-        calls[sliced] = (ops[torch.conv2d], ops[F.linear])
-    per_task = len(NAMES)  # graphs captured: one per task
-    assert calls[False] == (1 * per_task, 2 * per_task)  # the split conv and linear whole, plus the head
-    assert calls[True] == (2 * per_task, 3 * per_task)  # each split layer once per slice, plus the head
+        counter = CompileCounterWithBackend(aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler))
+        user_loop(torch.compile(model, backend=counter, fullgraph=True), opt, make_batches(NAMES))
+        assert counter.frame_count == len(NAMES)  # one graph per task, no graph break
+        ops = Counter(str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function")
+        assert ops["autograd_function_apply"] == (2 * len(NAMES) if sliced else 0)  # the split conv and linear
+        rows = []
+        for g in backward:
+            for n in g.graph.nodes:
+                if n.target is torch.ops.aten.convolution_backward.default and n.args[-1][1]:
+                    rows.append(n.args[2].meta["val"].shape[0])  # the weight whose gradient it computes
+        weight_rows[sliced] = rows
+    assert weight_rows[False] == [6] * len(NAMES)  # the split conv's whole weight, in each task's backward
+    assert weight_rows[True] == [3] * len(NAMES)  # the trained task's 3 rows only
 
 
 def _compile_wrapped(model: nn.Module) -> tuple[Forward, Any]:

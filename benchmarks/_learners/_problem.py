@@ -97,7 +97,7 @@ class Training:
             noise-free, gradient-free forward per task and step writes them) so that
             evaluation, which uses clean weights, normalizes with statistics of clean
             weights; the library's default ``"once"`` records them under noise.
-        sliced_layers: MT-COOL evaluates split layers slice by slice (the library default);
+        sliced_layers: MT-COOL computes split layers' weight gradients per slice (the library default);
             ``False`` runs them whole, for the speed table's comparison row.
         cagrad_c: CAGrad's radius scale c.
         seed: seeds the initialisation (global RNG) and MT-COOL's noise generator.
