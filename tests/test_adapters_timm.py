@@ -14,7 +14,6 @@ from tests._adapters_support import (  # noqa: F401
     TOLERANCE,
     check_ownership,
     deviation,
-    numel,
     one_thread,
     perturb_slices,
     state_dict_round_trip,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from typing import Any, Union, cast
+from typing import Any, Union
 
 import pytest
 import torch

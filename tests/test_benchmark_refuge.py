@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from benchmarks._fundus import (
-    CDR_MEANS,
     TASKS,
     disc_crop,
     load_refuge,
