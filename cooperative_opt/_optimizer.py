@@ -119,7 +119,8 @@ class CooperativeOptimizer(torch.optim.Optimizer):
             :mod:`cooperative_opt._sliced`). The forward is the same call;
             those weight gradients agree up to float rounding; ``False``
             runs such layers through plain autograd, bit-identical to a
-            plain implementation.
+            plain implementation (and needed for a second derivative, which
+            a sliced layer refuses).
         task_parameters: ``{task: [(name, param), ...]}`` encoder slices, if not
             produced by :func:`adapters.split_channels`.
         noise: under ``torch.distributed``, ``"identical"`` (every rank draws

@@ -24,6 +24,9 @@ one matrix product. The other pieces' weight gradients are never computed.
 Anything else (transposed convolutions, grouped convolutions, asymmetric
 ``"same"`` padding, a cat along another dimension or of pieces that all, or
 none, require a gradient, weights transformed before use) runs unchanged.
+The backward is differentiable once: a second derivative through a sliced
+layer (``create_graph=True`` and a gradient of the gradient) raises; use
+``sliced_layers=False`` for that.
 
 An earlier version ran the layer once per piece and concatenated the outputs:
 the same saving in the backward, but an extra activation-sized concatenation
@@ -53,6 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["SlicedLayers"]
@@ -221,6 +225,7 @@ class _RowGradients(torch.autograd.Function):
         return layer.forward(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # its weight is detached: a second derivative would miss terms, so it raises instead
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         layer: _Layer = ctx.layer

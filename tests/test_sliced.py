@@ -113,6 +113,16 @@ def test_under_bf16_autocast_the_forward_is_autocasts_and_gradients_keep_their_d
         torch.testing.assert_close(h, w, rtol=2e-2, atol=2e-2)
 
 
+def test_a_second_derivative_through_a_sliced_layer_raises_instead_of_missing_terms() -> None:
+    own, other = torch.randn(2, 3, 3, 3, requires_grad=True), torch.randn(2, 3, 3, 3)
+    x = torch.randn(1, 3, 5, 5, requires_grad=True)
+    with SlicedLayers():
+        out = F.conv2d(x, torch.cat([own, other]))
+    (grad_x,) = torch.autograd.grad(out.square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize(("kernel", "sliced"), [(3, True), (4, False)])
 def test_same_padding_is_sliced_where_it_is_symmetric(kernel: int, sliced: bool) -> None:
