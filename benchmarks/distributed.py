@@ -26,11 +26,17 @@ are counted: both methods also keep the BatchNorm buffers equal (DDP
 broadcasts rank 0's before each forward, MT-COOL all-reduces their average
 after each outer iteration), ``buffer_mib`` in the JSON.
 
-After warm-up rounds, each round runs the four (method, ranks) settings in
+After warm-up rounds, each round runs the six (method, setting) pairs in
 rotating order, so machine noise hits all alike; times are medians over
 rounds, and a method's overhead of going distributed is the median over
 rounds of time(2 ranks) / time(1 rank). Targets: MT-COOL / DDP-Joint <= 1.0
 for the bytes per outer iteration and for the overhead.
+
+The third setting splits that overhead in two: "2 apart" is both processes
+training their own plain copy at once, nothing all-reduced. time(2 apart) /
+time(1 rank) is what two processes sharing this machine's cores and memory
+bandwidth cost each other (contention, which ranks on separate GPUs would not
+pay), and time(2 ranks) / time(2 apart) is what the communication costs.
 """
 
 # No ``from __future__ import annotations``: DistributedDataParallel checks the communication hook's
@@ -64,6 +70,8 @@ from benchmarks.step_time import CLASSES, TASKS, _classifier_problem, _learner, 
 __all__ = ["METHODS", "WORLD", "Settings", "main", "markdown", "measure", "summarise"]
 
 WORLD: Final[int] = 2
+#: How each method is timed: one plain process; WORLD ranks synchronised; WORLD plain processes at once.
+SETTINGS: Final[tuple[str, ...]] = ("one", "ranks", "apart")
 """Ranks of the distributed setting (against one)."""
 
 METHODS: Final[Mapping[str, str]] = {"mt_cool": "MT-COOL", "joint": "DDP-Joint"}
@@ -161,7 +169,7 @@ def _byte_counters(learners: Mapping[str, Learner]) -> dict[str, Callable[[], in
 def _worker(rank: int, store: str, settings: Settings) -> None:
     """One rank of :func:`measure`; rank 0 writes what was measured to ``store/measured.json``."""
     torch.set_num_threads(1)
-    plain = _build() if rank == 0 else {}  # built before the process group exists: one plain process
+    plain = _build()  # built before the process group exists: plain learners (rank 1's only run "2 apart")
     dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=rank, world_size=WORLD)
     try:
         measured = _rounds(rank, plain, settings)
@@ -177,23 +185,21 @@ def _rounds(rank: int, plain: Mapping[str, Learner], settings: Settings) -> dict
     ranked = _build()
     counters = _byte_counters(ranked)
     batches = _batches(settings.images, settings.side, seed=rank)  # each rank its own shard
-    setups = [(method, ranks) for method in METHODS for ranks in (1, WORLD)]
+    setups = [(method, setting) for method in METHODS for setting in SETTINGS]
 
-    def run(method: str, ranks: int) -> tuple[float, int]:
-        learner = (plain if ranks == 1 else ranked).get(method)
+    def run(method: str, setting: str) -> tuple[float, int]:
+        learner = (ranked if setting == "ranks" else plain)[method]
 
         def step() -> None:
-            if learner is None:  # pragma: no cover - rank 1 never times the 1-rank setting
-                raise RuntimeError(f"no {method} learner on rank {rank} for {ranks} rank(s)")
             learner.train_step(batches)
 
-        dist.barrier()  # every rank starts together; in a 1-rank setting rank 1 waits here for rank 0
-        if ranks == 1:
+        dist.barrier()  # every rank starts together; in the 1-rank setting rank 1 waits here for rank 0
+        if setting == "one":
             return (_timed(step, _CPU), 0) if rank == 0 else (math.nan, 0)
         before = counters[method]()
         elapsed = torch.tensor([_timed(step, _CPU)], dtype=torch.float64)
         sent = counters[method]() - before
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step of R ranks lasts as long as the slowest
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step of R processes lasts as long as the slowest
         return float(elapsed.item()), sent
 
     for _ in range(settings.warmup):
@@ -212,8 +218,12 @@ def _rounds(rank: int, plain: Mapping[str, Learner], settings: Settings) -> dict
     return {"times_s": times, "bytes": sent, "buffer_bytes": _buffer_bytes(ranked["joint"])}
 
 
-def _key(method: str, ranks: int) -> str:
-    return f"{method}@{ranks}"
+def _key(method: str, setting: str) -> str:
+    return {"one": f"{method}@1", "ranks": f"{method}@{WORLD}", "apart": f"{method}@{WORLD}apart"}[setting]
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else values * 2
 
 
 def _buffer_bytes(learner: Learner) -> int:
@@ -237,14 +247,18 @@ def summarise(measured: Mapping[str, Any]) -> dict[str, Any]:
     times, sent = measured["times_s"], measured["bytes"]
     rows: list[dict[str, Any]] = []
     overhead: dict[str, float] = {}
+    contention: dict[str, float] = {}
+    communication: dict[str, list[float]] = {}
     for method, label in METHODS.items():
-        one, many = times[_key(method, 1)], times[_key(method, WORLD)]
+        one, many, apart = (times[_key(method, s)] for s in ("one", "ranks", "apart"))
         overhead[method] = statistics.median(m / o for m, o in zip(many, one, strict=True))
-        for ranks in (1, WORLD):
-            per_iteration = statistics.median(sent[_key(method, ranks)])
+        contention[method] = statistics.median(a / o for a, o in zip(apart, one, strict=True))
+        communication[method] = [m / a for m, a in zip(many, apart, strict=True)]
+        for setting, ranks in (("one", 1), ("ranks", WORLD)):
+            per_iteration = statistics.median(sent[_key(method, setting)])
             rows.append({
                 "method": label, "learner": method, "ranks": ranks,
-                "ms_per_outer_iteration": 1e3 * statistics.median(times[_key(method, ranks)]),
+                "ms_per_outer_iteration": 1e3 * statistics.median(times[_key(method, setting)]),
                 "bytes_per_outer_iteration": int(per_iteration),
                 "mib_per_outer_iteration": per_iteration / 2**20,
                 "overhead_vs_1_rank": overhead[method] if ranks == WORLD else 1.0,
@@ -255,16 +269,23 @@ def summarise(measured: Mapping[str, Any]) -> dict[str, Any]:
     per_round = [
         (mt_many / mt_one) / (joint_many / joint_one)
         for mt_one, mt_many, joint_one, joint_many in zip(
-            times[_key("mt_cool", 1)], times[_key("mt_cool", WORLD)], times[_key("joint", 1)],
-            times[_key("joint", WORLD)], strict=True)
+            times[_key("mt_cool", "one")], times[_key("mt_cool", "ranks")], times[_key("joint", "one")],
+            times[_key("joint", "ranks")], strict=True)
     ]
-    spread = statistics.quantiles(per_round, n=4)[::2] if len(per_round) > 1 else per_round * 2
     ratios = {
         "bytes": {"value": bytes_ratio, "target": "<= 1.0", "pass": bytes_ratio <= 1.0},
         "overhead": {"value": overhead_ratio, "target": "<= 1.0", "pass": overhead_ratio <= 1.0,
-                     "per_round_quartiles": spread},
+                     "per_round_quartiles": _quartiles(per_round)},
     }
-    return {"rows": rows, "ratios": ratios}
+    per_round_communication = [m / j for m, j in zip(communication["mt_cool"], communication["joint"], strict=True)]
+    split = {
+        "contention": contention,
+        "communication": {m: statistics.median(v) for m, v in communication.items()},
+        "communication_ratio": statistics.median(per_round_communication),
+        "communication_ratio_quartiles": _quartiles(per_round_communication),
+        "apart_ms_per_outer_iteration": {m: 1e3 * statistics.median(times[_key(m, "apart")]) for m in METHODS},
+    }
+    return {"rows": rows, "ratios": ratios, "overhead_split": split}
 
 
 def markdown(summary: Mapping[str, Any]) -> str:
@@ -285,7 +306,20 @@ def markdown(summary: Mapping[str, Any]) -> str:
         f"MT-COOL / DDP-Joint, time overhead of going distributed ({WORLD} ranks / 1): {overhead_ratio['value']:.3f} "
         f"(target <= 1.0): {'PASS' if overhead_ratio['pass'] else 'FAIL'}; the same ratio round by round: "
         f"quartiles {low:.3f} - {high:.3f}",
+        "",
+        f"Where the overhead comes from ({WORLD} apart: {WORLD} processes, each training its own copy at once, "
+        "nothing all-reduced):",
+        f"| method | ms / outer iteration, {WORLD} apart | contention ({WORLD} apart / 1 rank) | "
+        f"communication ({WORLD} ranks / {WORLD} apart) |",
+        "|---|---:|---:|---:|",
     ]
+    split = summary["overhead_split"]
+    for method, label in METHODS.items():
+        lines.append(f"| {label} | {split['apart_ms_per_outer_iteration'][method]:.1f} | "
+                     f"{split['contention'][method]:.3f} | {split['communication'][method]:.3f} |")
+    low, high = split["communication_ratio_quartiles"]
+    lines.append(f"MT-COOL / DDP-Joint, communication overhead alone: {split['communication_ratio']:.3f} "
+                 f"(round by round: quartiles {low:.3f} - {high:.3f})")
     return "\n".join(lines)
 
 
@@ -327,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "MT-COOL overhead / DDP-Joint overhead (how far noise moves the criterion).",
             "bytes: gradient bytes handed to all-reduce, counted (DDP: a comm hook on every bucket; MT-COOL: the "
             "optimizer's counter). BatchNorm buffers, kept equal by both methods, are not counted: buffer_mib.",
+            f"overhead_split: {WORLD} apart = {WORLD} plain processes training at once, nothing all-reduced; "
+            f"contention = median of time({WORLD} apart) / time(1 rank), communication = median of "
+            f"time({WORLD} ranks) / time({WORLD} apart); communication_ratio: median over rounds of MT-COOL's "
+            "communication overhead / DDP-Joint's.",
         ],
         **summary,
         "buffer_mib": measured["buffer_bytes"] / 2**20,

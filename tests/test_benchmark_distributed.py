@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -77,6 +78,17 @@ def test_quick_run_reports_finite_times_and_counts_every_parameter_byte_once(
         ratio = written["ratios"][name]
         assert math.isfinite(ratio["value"]) and ratio["pass"] == (ratio["value"] <= 1.0)
     assert "target <= 1.0): PASS" in printed or "target <= 1.0): FAIL" in printed
+
+    # The overhead split: both processes training apart at once, then the communication on top of that.
+    split = written["overhead_split"]
+    apart = written["rounds"]["times_s"]
+    for method in distributed.METHODS:
+        assert written["rounds"]["bytes"][f"{method}@2apart"] == [0] * written["config"]["repeats"]  # nothing sent
+        one, ranks, both = apart[f"{method}@1"], apart[f"{method}@2"], apart[f"{method}@2apart"]
+        assert split["contention"][method] == pytest.approx(statistics.median(b / o for b, o in zip(both, one)))
+        assert split["communication"][method] == pytest.approx(statistics.median(r / b for r, b in zip(ranks, both)))
+        assert f"| {distributed.METHODS[method]} | {split['apart_ms_per_outer_iteration'][method]:.1f} |" in printed
+    assert math.isfinite(split["communication_ratio"]) and "communication overhead alone" in printed
 
 
 def test_size_flag_names_the_format() -> None:
