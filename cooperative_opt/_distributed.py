@@ -9,7 +9,8 @@ the trajectory one process would follow on the concatenated batch:
   from rank 0;
 - during the stepping task's backward, its gradients (its slices and head,
   nothing else) are averaged over the ranks in buckets of at most
-  ``bucket_bytes``, each bucket's all-reduce launched asynchronously from a
+  ``bucket_bytes`` (a quarter of a task's gradients, 1 to 25 MiB), each
+  bucket's all-reduce launched asynchronously from a
   post-accumulate-grad hook as soon as it is full, and all of them completed
   when the backward ends (an autograd engine callback), so a ``GradScaler``
   or a clipping call after the backward sees the averaged gradients;
@@ -41,7 +42,8 @@ from cooperative_opt._ownership import TaskParameters
 if TYPE_CHECKING:
     from cooperative_opt._optimizer import CooperativeOptimizer
 
-__all__ = ["NoiseMode", "Ranks", "mix_seed", "per_rank_seeding", "process_group_of", "refuse_wrapped"]
+__all__ = ["NoiseMode", "Ranks", "default_bucket_bytes", "mix_seed", "per_rank_seeding", "process_group_of",
+           "refuse_wrapped"]
 
 NoiseMode = Literal["identical", "per_rank"]
 
@@ -106,7 +108,8 @@ class Ranks:
         task_params: each task's parameters, in task order.
         base: the base optimizer (its class and hyperparameters must agree too).
         signature: what else every rank must agree on (tasks, settings, seed).
-        bucket_bytes: the size at which a bucket's all-reduce is launched.
+        bucket_bytes: the size at which a bucket's all-reduce is launched; by default a quarter of the
+            largest task's gradient bytes, between 1 and 25 MiB (see :func:`default_bucket_bytes`).
     """
 
     def __init__(
@@ -116,12 +119,12 @@ class Ranks:
         task_params: Sequence[TaskParameters],
         base: torch.optim.Optimizer,
         signature: dict[str, Any],
-        bucket_bytes: int = 25 * 2**20,
+        bucket_bytes: int | None = None,
     ) -> None:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.bucket_bytes = bucket_bytes
+        self.bucket_bytes = default_bucket_bytes(task_params) if bucket_bytes is None else bucket_bytes
         groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
         self._check({
             **signature,
@@ -248,6 +251,20 @@ class Ranks:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+
+
+_MIB = 2**20
+
+
+def default_bucket_bytes(task_params: Sequence[TaskParameters]) -> int:
+    """A quarter of the largest task's gradient bytes, at least 1 MiB and at most DDP's 25 MiB.
+
+    A task steps on 1/T of the model, so DDP's 25 MiB would often hold all of a task's gradients in one
+    bucket, launched only when its backward ends: nothing would overlap with the backward. Four buckets
+    per task let the first ones be reduced while the backward goes on, where the backend can overlap.
+    """
+    largest = max((sum(p.numel() * p.element_size() for p in tp.own) for tp in task_params), default=0)
+    return min(25 * _MIB, max(_MIB, -(-largest // 4)))
 
 
 def _by_kind(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:

@@ -203,10 +203,39 @@ def _checkpoint(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     return {"through": through, "resumed": params_of(resumed_model), "dcp": params_of(dcp_model)}
 
 
+def _buckets(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    """A task with about 4 MiB of gradients: its first buckets are launched from the hooks, mid-backward."""
+    from cooperative_opt import _distributed
+
+    launched: list[str] = []
+    launch, finish = _distributed.Ranks._launch, _distributed.Ranks._finish
+    inside: list[bool] = [False]
+
+    def counting_launch(self: Any, kind: Any) -> None:
+        if self._buckets.get(kind):
+            launched.append("at the end" if inside[0] else "mid-backward")
+        launch(self, kind)
+
+    def marked_finish(self: Any) -> None:
+        inside[0] = True
+        try:
+            finish(self)
+        finally:
+            inside[0] = False
+
+    _distributed.Ranks._launch, _distributed.Ranks._finish = counting_launch, marked_finish  # type: ignore[method-assign]
+    model = _model(width=256, hidden=2048)  # Linear(1024, 2048) split in two: 4 MiB per task
+    opt = _opt(model, CONFIGS[0])
+    opt.step(_shard(make_batches(NAMES, n=BATCH, seed=0), rank, world))
+    ranks = opt._ranks
+    assert ranks is not None
+    return {"launched": launched, "bucket": ranks.bucket_bytes, "params": params_of(model)}
+
+
 SCENARIOS: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
     f.__name__.lstrip("_"): f
     for f in (_equivalence, _per_rank_noise, _mismatch, _wrapped_refused, _batchnorm_rule, _scaler_inf_on_one_rank,
-              _checkpoint)
+              _checkpoint, _buckets)
 }
 
 
@@ -242,6 +271,30 @@ def test_ranks_with_shards_equal_one_process_on_the_whole_batch(world: int, tmp_
                 _drive(model, opt, path, make_batches(NAMES, n=BATCH, seed=s))
             _close(ranks[0][f"{c}-{path}"][0], params_of(model))
             _close(ranks[0][f"{c}-{path}"][1], _state(opt))
+
+
+def test_a_task_s_first_buckets_are_reduced_while_its_backward_goes_on(tmp_path: Path) -> None:
+    ranks = _spawn("buckets", 2, tmp_path)
+    assert _identical(ranks[0]["params"], ranks[1]["params"])
+    for r in ranks:
+        assert 2**20 <= r["bucket"] < 1.1 * 2**20  # a quarter of a task's ~4 MiB
+        per_task = len(r["launched"]) // len(NAMES)
+        assert per_task >= 2 and r["launched"].count("mid-backward") >= len(NAMES), r["launched"]
+
+
+def test_the_default_bucket_is_a_quarter_of_the_largest_task_between_1_and_25_mib() -> None:
+    from cooperative_opt._distributed import default_bucket_bytes
+    from cooperative_opt._ownership import TaskParameters
+
+    def task(*sizes: int) -> TaskParameters:
+        params = tuple(nn.Parameter(torch.empty(n)) for n in sizes)
+        return TaskParameters("t", params, tuple(f"p{i}" for i in range(len(sizes))), ())
+
+    mib = 2**20
+    assert default_bucket_bytes([task(10), task(20)]) == mib  # tiny tasks: the 1 MiB floor
+    assert default_bucket_bytes([task(2 * mib), task(3 * mib, mib)]) == mib * 4  # 16 MiB of float32 / 4
+    assert default_bucket_bytes([task(100 * mib)]) == 25 * mib  # DDP's cap
+    assert default_bucket_bytes([]) == mib
 
 
 def test_per_rank_noise_differs_across_ranks_and_ranks_stay_identical(tmp_path: Path) -> None:
