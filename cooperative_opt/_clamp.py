@@ -99,10 +99,10 @@ class TurnClamp:
         torch._foreach_abs_(moved)
         largest = torch.stack(torch._foreach_max(moved)).tolist()
         return [i for i, m in zip(nonempty, largest)
-                if not m <= self._limit(theta[i].dtype)]  # a NaN fails the test as well
+                if not m <= self._limit(bound, theta[i].dtype)]  # a NaN fails the test as well
 
-    def _limit(self, dtype: torch.dtype) -> float:
+    def _limit(self, bound: float, dtype: torch.dtype) -> float:
         limit = self._limits.get(dtype)
         if limit is None:
-            limit = self._limits[dtype] = _unchanged_below(self.bound or 0.0, dtype)
+            limit = self._limits[dtype] = _unchanged_below(bound, dtype)
         return limit

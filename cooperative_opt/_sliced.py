@@ -159,7 +159,7 @@ class SlicedLayers(TorchFunctionMode):
         if padding is None:  # "same" padding that needs more on one side: torch pads the input first
             return func(*args, **kwargs)
         unbatched = x.dim() == dims + 1
-        layer = _Layer("conv", _spread(bound.get("stride", 1), dims), padding, dilation)
+        layer = _Layer("conv", dims, _spread(bound.get("stride", 1), dims), padding, dilation)
         out = _apply(layer, x.unsqueeze(0) if unbatched else x, weight, bias, *split)
         return out.squeeze(0) if unbatched else out
 
@@ -169,7 +169,7 @@ class SlicedLayers(TorchFunctionMode):
         split = self._split(weight, bias, isinstance(weight, Tensor) and weight.dim() == 2)
         if split is None or not isinstance(weight, Tensor):
             return F.linear(*args, **kwargs)
-        return _apply(_Layer("linear"), bound["input"], weight, bias, *split)
+        return _apply(_Layer("linear", 0), bound["input"], weight, bias, *split)
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,7 @@ class _Layer:
     """A convolution (with its stride, padding and dilation) or a linear layer, as the slicing evaluates it."""
 
     kind: str  # "conv" or "linear"
+    dims: int  # spatial dimensions of a convolution (0: linear)
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
@@ -184,7 +185,7 @@ class _Layer:
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.kind == "linear":
             return F.linear(x, weight, bias)
-        conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[len(self.stride)]
+        conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[self.dims]
         out: Tensor = conv(x, weight, bias, self.stride, self.padding, self.dilation, 1)
         return out
 
@@ -206,7 +207,7 @@ class _Layer:
                   mask: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
         out: tuple[Tensor, Tensor, Tensor] = torch.ops.aten.convolution_backward(
             grad, x, weight, bias_sizes, list(self.stride), list(self.padding), list(self.dilation), False,
-            [0] * len(self.stride), 1, list(mask),
+            [0] * self.dims, 1, list(mask),
         )
         return out
 
@@ -275,7 +276,9 @@ def _apply(layer: _Layer, x: Tensor, weight: Tensor, bias: Tensor | None, pieces
 
 
 def _spread(value: Any, dims: int) -> tuple[int, ...]:
-    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+    """A convolution's stride, padding or dilation per spatial dimension (an int or a 1-sequence is repeated)."""
+    values = tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),)
+    return values * dims if len(values) == 1 else values
 
 
 def _padding(value: Any, dilation: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...] | None:

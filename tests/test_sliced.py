@@ -113,6 +113,20 @@ def test_under_bf16_autocast_the_forward_is_autocasts_and_gradients_keep_their_d
         torch.testing.assert_close(h, w, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("spec", [dict(stride=(2,), padding=(1,)), dict(stride=[1, 2], padding=[0, 1], dilation=(2,)),
+                                  dict(padding="valid")])
+def test_conv_arguments_in_every_form_torch_accepts(spec: dict[str, Any]) -> None:
+    own, other = torch.randn(2, 3, 3, 3, requires_grad=True), torch.randn(3, 3, 3, 3)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    expected = F.conv2d(x, torch.cat([own, other]), **spec)
+    want = torch.autograd.grad(expected.square().sum(), [x, own])
+    with SlicedLayers():
+        got = F.conv2d(x, torch.cat([own, other]), **spec)
+    assert _row_gradients(got) and torch.equal(got, expected)
+    for h, w in zip(torch.autograd.grad(got.square().sum(), [x, own]), want):
+        torch.testing.assert_close(h, w)
+
+
 def test_a_second_derivative_through_a_sliced_layer_raises_instead_of_missing_terms() -> None:
     own, other = torch.randn(2, 3, 3, 3, requires_grad=True), torch.randn(2, 3, 3, 3)
     x = torch.randn(1, 3, 5, 5, requires_grad=True)
