@@ -162,6 +162,27 @@ def _scaler_inf_on_one_rank(rank: int, world: int, tmp: Path) -> dict[str, Any]:
             "scale": scaler.get_scale()}
 
 
+def _nan_loss_on_one_rank(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    """step(batches): rank 1's shard of task a is NaN; every rank must skip a and step b, in step with the others."""
+    out: dict[str, Any] = {}
+    for scaled in (False, True):
+        model = _model()
+        opt = _opt(model, CONFIGS[1])
+        before = params_of(model)
+        batches = _shard(make_batches(NAMES, n=BATCH, seed=0), rank, world)
+        if rank == 1:
+            batches["a"] = (torch.full_like(batches["a"][0], float("nan")), batches["a"][1])
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaled else None
+        report = opt.step(batches, scaler=scaler)
+        owner = {n: tp.name for tp in opt.task_params for n, p in model.named_parameters()
+                 if any(p is q for q in tp.own)}
+        moved = sorted({owner[n] for n, p in params_of(model).items() if not torch.equal(p, before[n])})
+        following = opt.step(_shard(make_batches(NAMES, n=BATCH, seed=1), rank, world), scaler=scaler)
+        out[f"scaled={scaled}"] = {"skipped": dict(report.skipped), "losses": sorted(report.losses), "moved": moved,
+                                   "params": params_of(model), "following": dict(following.skipped)}
+    return out
+
+
 def _checkpoint(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -235,7 +256,7 @@ def _buckets(rank: int, world: int, tmp: Path) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
     f.__name__.lstrip("_"): f
     for f in (_equivalence, _per_rank_noise, _mismatch, _wrapped_refused, _batchnorm_rule, _scaler_inf_on_one_rank,
-              _checkpoint, _buckets)
+              _checkpoint, _buckets, _nan_loss_on_one_rank)
 }
 
 
@@ -324,6 +345,17 @@ def test_gradscaler_overflow_on_one_rank_skips_the_task_on_every_rank(tmp_path: 
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == {"a": "not stepped"}
     assert ranks[0]["scale"] == ranks[1]["scale"] < 2.0**8
     assert _identical(ranks[0]["params"], ranks[1]["params"])
+
+
+def test_a_nan_loss_on_one_rank_skips_that_task_on_every_rank_in_step_batches(tmp_path: Path) -> None:
+    ranks = _spawn("nan_loss_on_one_rank", 2, tmp_path)
+    for key in ("scaled=False", "scaled=True"):
+        zero, one = ranks[0][key], ranks[1][key]
+        assert zero["skipped"] == one["skipped"] == {"a": "non-finite loss"}, key
+        assert zero["losses"] == one["losses"] == ["b"], key  # only the stepped task's loss is reported
+        assert zero["moved"] == one["moved"] == ["b"], key  # b's parameters moved, none of a's, on both ranks
+        assert zero["following"] == one["following"] == {}, key  # the next outer iteration steps every task
+        assert _identical(zero["params"], one["params"]), key
 
 
 def test_save_on_rank_0_and_dcp_resume_on_every_rank_bit_identically(tmp_path: Path) -> None:
