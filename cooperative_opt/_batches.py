@@ -15,6 +15,7 @@ steps, which take one step per task, use the first).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +132,18 @@ def _precision(
     return scaler, torch.autocast(devices.pop(), dtype=autocast)
 
 
+def _non_finite(opt: CooperativeOptimizer, name: str, objective: Tensor) -> None:
+    """A non-finite loss of task ``name`` (here or on another rank): raise, or skip its step."""
+    if opt.settings.nonfinite == "raise":
+        here = objective.item()
+        where = "" if not math.isfinite(here) else " on this rank but non-finite on another"
+        raise FloatingPointError(
+            f"task {name!r}: loss is {here}{where} at step {opt.steps_taken + 1}; "
+            "pass nonfinite='skip' to skip such updates instead"
+        )
+    opt._iteration.skip(NON_FINITE)
+
+
 def run_batches(opt: CooperativeOptimizer, batches: object, scaler: object = None, autocast: object = None) -> StepReport:
     """One outer iteration (or warm-up step) over the tasks present in ``batches``."""
     per_step = _validated(opt, batches)
@@ -155,22 +168,21 @@ def run_batches(opt: CooperativeOptimizer, batches: object, scaler: object = Non
                     term = opt._consistency_term(task, outputs, clean) if cooperative else None
                     objective = loss if term is None else loss + settings.consistency_weight * term
                 finite = bool(torch.isfinite(objective.detach()))
-                if opt._ranks is not None:
-                    finite = opt._ranks.all(finite)  # one rank's NaN skips the step on every rank
-                if not finite:
-                    if settings.nonfinite == "raise":
-                        raise FloatingPointError(
-                            f"task {name!r}: loss is {objective.item()} at step {opt.steps_taken + 1}; "
-                            "pass nonfinite='skip' to skip such updates instead"
-                        )
-                    opt._iteration.skip(NON_FINITE)
+                if opt._ranks is None and not finite:  # alone: skip before the backward
+                    _non_finite(opt, name, objective)
+                    continue
+                # On R ranks one rank's NaN must skip the step on every rank. The vote is started here and read
+                # after the backward, which every rank runs (a NaN loss gives NaN gradients, averaged like any
+                # others), so waiting for it costs no synchronisation of its own.
+                agreed = opt._ranks.vote(finite) if opt._ranks is not None else None
+                torch.autograd.backward(objective if grad_scaler is None else grad_scaler.scale(objective))
+                if agreed is not None and not agreed():
+                    _non_finite(opt, name, objective)
                     continue
                 opt._iteration.log(name, float(loss.detach()), 0.0 if term is None else float(term.detach()))
                 if grad_scaler is None:
-                    torch.autograd.backward(objective)
                     opt.step()
                     continue
-                torch.autograd.backward(grad_scaler.scale(objective))
                 grad_scaler.step(opt)
                 grad_scaler.update()
                 if not opt._iteration.stepped:

@@ -15,7 +15,8 @@ the trajectory one process would follow on the concatenated batch:
   when the backward ends (an autograd engine callback), so a ``GradScaler``
   or a clipping call after the backward sees the averaged gradients;
 - a decision one rank cannot take alone (``step(batches)`` skipping a
-  non-finite loss) is taken on all ranks together;
+  non-finite loss) is taken on all ranks together, by a vote started before
+  the backward and read after it;
 - running statistics of normalization layers are averaged over the ranks at
   the end of every outer iteration (``SyncBatchNorm`` makes them equal
   already; without it this keeps them equal);
@@ -181,11 +182,18 @@ class Ranks:
         dist.broadcast_object_list(drawn, src=dist.get_global_rank(self.group, 0), group=self.group)
         return int(drawn[0])
 
-    def all(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on every rank (a collective: every rank must call it)."""
+    def vote(self, flag: bool) -> Callable[[], bool]:
+        """Start finding out whether ``flag`` holds on every rank (a collective: every rank must call it);
+        the returned function waits for the answer."""
         value = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(value.item() == 1.0)
+        work = dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+
+        def agreed() -> bool:
+            if work is not None:
+                work.wait()
+            return bool(value.item() == 1.0)
+
+        return agreed
 
     def average(self, tensors: Sequence[Tensor]) -> None:
         """Average floating tensors (running statistics) over the ranks, in place."""

@@ -180,6 +180,16 @@ def _nan_loss_on_one_rank(rank: int, world: int, tmp: Path) -> dict[str, Any]:
         following = opt.step(_shard(make_batches(NAMES, n=BATCH, seed=1), rank, world), scaler=scaler)
         out[f"scaled={scaled}"] = {"skipped": dict(report.skipped), "losses": sorted(report.losses), "moved": moved,
                                    "params": params_of(model), "following": dict(following.skipped)}
+    model = _model()
+    strict = _opt(model, CONFIGS[1], nonfinite="raise")
+    batches = _shard(make_batches(NAMES, n=BATCH, seed=0), rank, world)
+    if rank == 1:
+        batches["a"] = (torch.full_like(batches["a"][0], float("nan")), batches["a"][1])
+    try:
+        strict.step(batches)
+        out["raised"] = None
+    except FloatingPointError as error:
+        out["raised"] = str(error)
     return out
 
 
@@ -356,6 +366,9 @@ def test_a_nan_loss_on_one_rank_skips_that_task_on_every_rank_in_step_batches(tm
         assert zero["moved"] == one["moved"] == ["b"], key  # b's parameters moved, none of a's, on both ranks
         assert zero["following"] == one["following"] == {}, key  # the next outer iteration steps every task
         assert _identical(zero["params"], one["params"]), key
+    # nonfinite="raise": every rank raises, and the rank whose own loss was finite says where it was not
+    assert ranks[1]["raised"] is not None and "task 'a': loss is nan at step 1" in ranks[1]["raised"]
+    assert ranks[0]["raised"] is not None and "on this rank but non-finite on another" in ranks[0]["raised"]
 
 
 def test_save_on_rank_0_and_dcp_resume_on_every_rank_bit_identically(tmp_path: Path) -> None:
