@@ -12,8 +12,9 @@ the trajectory one process would follow on the concatenated batch:
   ``bucket_bytes`` (a quarter of a task's gradients, 1 to 25 MiB), each
   bucket's all-reduce launched asynchronously from a
   post-accumulate-grad hook as soon as it is full, and all of them completed
-  when the backward ends (an autograd engine callback), so a ``GradScaler``
-  or a clipping call after the backward sees the averaged gradients;
+  when the backward ends (an autograd engine callback), each gradient then a
+  view of its averaged bucket, so a ``GradScaler`` or a clipping call after
+  the backward sees the averaged gradients;
 - a decision one rank cannot take alone (``step(batches)`` skipping a
   non-finite loss) is taken on all ranks together, by a vote started before
   the backward and read after it;
@@ -135,7 +136,7 @@ class Ranks:
         self._broadcast([*model.parameters(), *model.buffers()])
         self._owned = [p for tp in task_params for p in tp.own]
         self._active: set[int] = set()
-        self._buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        self._buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}  # parameters with a gradient
         self._filled: dict[tuple[torch.device, torch.dtype], int] = {}
         self._inflight: list[tuple[Any, Tensor, list[Tensor]]] = []
         self._queued = False
@@ -228,30 +229,32 @@ class Ranks:
             self._queued = True
         kind = (p.grad.device, p.grad.dtype)
         bucket = self._buckets.setdefault(kind, [])
-        bucket.append(p.grad)
+        bucket.append(p)
         self._filled[kind] = self._filled.get(kind, 0) + p.grad.numel() * p.grad.element_size()
         if self._filled[kind] >= self.bucket_bytes:
             self._launch(kind)
 
     def _launch(self, kind: tuple[torch.device, torch.dtype]) -> None:
-        grads = self._buckets.pop(kind, [])
+        params = self._buckets.pop(kind, [])
         self._filled.pop(kind, None)
-        if not grads:
+        if not params:
             return
-        flat = _flatten(grads)
+        flat = _flatten([p.grad for p in params if p.grad is not None])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._inflight.append((work, flat, grads))
+        self._inflight.append((work, flat, params))
         self.bytes_reduced += flat.numel() * flat.element_size()
 
     def _finish(self) -> None:
-        """End of the backward: launch what is left, wait, write the averages back."""
+        """End of the backward: launch what is left, wait, and make each gradient a view of its averaged bucket
+        (as DDP's ``gradient_as_bucket_view``: no copy back)."""
         self._queued = False
         for kind in list(self._buckets):
             self._launch(kind)
-        for work, flat, grads in self._inflight:
+        for work, flat, params in self._inflight:
             work.wait()
             flat.div_(self.world)
-            torch._foreach_copy_(grads, list(_unflatten(flat, grads)))
+            for p, average in zip(params, _unflatten(flat, [p.grad for p in params if p.grad is not None])):
+                p.grad = average
         self._inflight.clear()
 
     def close(self) -> None:
