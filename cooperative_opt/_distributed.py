@@ -136,9 +136,10 @@ class Ranks:
         self._broadcast([*model.parameters(), *model.buffers()])
         self._owned = [p for tp in task_params for p in tp.own]
         self._active: set[int] = set()
-        self._buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}  # parameters with a gradient
+        # per (device, dtype): the parameters whose gradient the backward produced, with that gradient
+        self._buckets: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
         self._filled: dict[tuple[torch.device, torch.dtype], int] = {}
-        self._inflight: list[tuple[Any, Tensor, list[Tensor]]] = []
+        self._inflight: list[tuple[Any, Tensor, list[tuple[Tensor, Tensor]]]] = []
         self._queued = False
         self._syncing = True
         self.bytes_reduced = 0  # gradient bytes all-reduced so far (the benchmark reads it)
@@ -229,19 +230,19 @@ class Ranks:
             self._queued = True
         kind = (p.grad.device, p.grad.dtype)
         bucket = self._buckets.setdefault(kind, [])
-        bucket.append(p)
+        bucket.append((p, p.grad))
         self._filled[kind] = self._filled.get(kind, 0) + p.grad.numel() * p.grad.element_size()
         if self._filled[kind] >= self.bucket_bytes:
             self._launch(kind)
 
     def _launch(self, kind: tuple[torch.device, torch.dtype]) -> None:
-        params = self._buckets.pop(kind, [])
+        entries = self._buckets.pop(kind, [])
         self._filled.pop(kind, None)
-        if not params:
+        if not entries:
             return
-        flat = _flatten([p.grad for p in params if p.grad is not None])
+        flat = _flatten([grad for _, grad in entries])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._inflight.append((work, flat, params))
+        self._inflight.append((work, flat, entries))
         self.bytes_reduced += flat.numel() * flat.element_size()
 
     def _finish(self) -> None:
@@ -250,10 +251,10 @@ class Ranks:
         self._queued = False
         for kind in list(self._buckets):
             self._launch(kind)
-        for work, flat, params in self._inflight:
+        for work, flat, entries in self._inflight:
             work.wait()
             flat.div_(self.world)
-            for p, average in zip(params, _unflatten(flat, [p.grad for p in params if p.grad is not None])):
+            for (p, _), average in zip(entries, _unflatten(flat, [grad for _, grad in entries])):
                 p.grad = average
         self._inflight.clear()
 
