@@ -159,7 +159,7 @@ class SlicedLayers(TorchFunctionMode):
         if padding is None:  # "same" padding that needs more on one side: torch pads the input first
             return func(*args, **kwargs)
         unbatched = x.dim() == dims + 1
-        layer = _Layer("conv", dims, _spread(bound.get("stride", 1), dims), padding, dilation)
+        layer = _Layer(dims, _spread(bound.get("stride", 1), dims), padding, dilation)
         out = _apply(layer, x.unsqueeze(0) if unbatched else x, weight, bias, *split)
         return out.squeeze(0) if unbatched else out
 
@@ -169,34 +169,33 @@ class SlicedLayers(TorchFunctionMode):
         split = self._split(weight, bias, isinstance(weight, Tensor) and weight.dim() == 2)
         if split is None or not isinstance(weight, Tensor):
             return F.linear(*args, **kwargs)
-        return _apply(_Layer("linear", 0), bound["input"], weight, bias, *split)
+        return _apply(_Layer(0), bound["input"], weight, bias, *split)
 
 
 @dataclass(frozen=True)
 class _Layer:
     """A convolution (with its stride, padding and dilation) or a linear layer, as the slicing evaluates it."""
 
-    kind: str  # "conv" or "linear"
-    dims: int  # spatial dimensions of a convolution (0: linear)
+    dims: int  # spatial dimensions of a convolution; 0: a linear layer
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self.kind == "linear":
+        if not self.dims:
             return F.linear(x, weight, bias)
         conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[self.dims]
         out: Tensor = conv(x, weight, bias, self.stride, self.padding, self.dilation, 1)
         return out
 
     def input_gradient(self, grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-        if self.kind == "linear":
+        if not self.dims:
             return grad.matmul(weight)
         return self._backward(grad, x, weight, None, (True, False, False))[0]
 
     def weight_gradients(self, grad: Tensor, x: Tensor, weight: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
         """The gradients of the rows ``weight`` (and of their bias) from ``grad``, their output channels only."""
-        if self.kind == "linear":
+        if not self.dims:
             rows = grad.reshape(-1, grad.shape[-1])
             return rows.t().matmul(x.reshape(-1, x.shape[-1])), rows.sum(0) if bias else None
         _, grad_weight, grad_bias = self._backward(grad, x, weight, [weight.shape[0]] if bias else None,
@@ -234,7 +233,7 @@ class _RowGradients(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]  # each piece's weight, then each piece's bias
         grad_x = layer.input_gradient(grad, x, weight) if ctx.needs_input_grad[1] else None
         out: list[Tensor | None] = [None] * len(ctx.dtypes)
-        channels = grad.dim() - 1 if layer.kind == "linear" else 1
+        channels = 1 if layer.dims else grad.dim() - 1
         start = 0
         for i, rows in enumerate(ctx.rows):
             want_weight = needs[i]
