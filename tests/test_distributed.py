@@ -55,15 +55,38 @@ def _model(rank: int = 0, **kwargs: Any) -> Any:
 
 
 def _shard(batches: dict[str, tuple[Tensor, Tensor]], rank: int, world: int) -> dict[str, tuple[Tensor, Tensor]]:
-    size = BATCH // world
+    size = len(next(iter(batches.values()))[0]) // world
     return {k: (x[rank * size:(rank + 1) * size], y[rank * size:(rank + 1) * size]) for k, (x, y) in batches.items()}
 
 
-def _drive(model: Any, opt: CooperativeOptimizer, path: str, batches: dict[str, tuple[Tensor, Tensor]]) -> None:
+def _halves(batches: dict[str, tuple[Tensor, Tensor]]) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    return [{k: (x[h::2], y[h::2]) for k, (x, y) in batches.items()} for h in range(2)]
+
+
+def _accumulating_loop(model: Any, opt: CooperativeOptimizer, micro: list[dict[str, tuple[Tensor, Tensor]]]) -> None:
+    """Two micro-batches per task before its step, each backward averaged over the ranks (no ``no_sync``);
+    with M = 1 the second forward draws fresh noise."""
+    for name in opt.iteration():
+        for batch in micro:
+            with opt.perturb(name):
+                out = model(batch[name][0], name)
+            (F.cross_entropy(out, batch[name][1]) / len(micro)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _drive(model: Any, opt: CooperativeOptimizer, path: str, batches: dict[str, tuple[Tensor, Tensor]],
+           rank: int = 0, world: int = 1) -> None:
     if path == "step":
-        opt.step(batches)
+        opt.step(_shard(batches, rank, world))
+    elif path == "loop":
+        user_loop(model, opt, _shard(batches, rank, world))
     else:
-        user_loop(model, opt, batches)
+        _accumulating_loop(model, opt, [_shard(half, rank, world) for half in _halves(batches)])
+
+
+#: (config, path) pairs the equivalence test runs: every config both ways, two also with accumulation
+PATHS = [(c, path) for c in range(len(CONFIGS)) for path in ("step", "loop")] + [(1, "accumulate"), (2, "accumulate")]
 
 
 def _state(opt: CooperativeOptimizer) -> dict[str, Tensor]:
@@ -78,14 +101,13 @@ def _state(opt: CooperativeOptimizer) -> dict[str, Tensor]:
 
 
 def _equivalence(rank: int, world: int, tmp: Path) -> dict[str, Any]:
-    results = {}
-    for c, config in enumerate(CONFIGS):
-        for path in ("step", "loop"):
-            model = _model(rank)
-            opt = _opt(model, config)
-            for s in range(STEPS):
-                _drive(model, opt, path, _shard(make_batches(NAMES, n=BATCH, seed=s), rank, world))
-            results[f"{c}-{path}"] = (params_of(model), _state(opt))
+    results: dict[str, Any] = {}
+    for c, path in PATHS:
+        model = _model(rank)
+        opt = _opt(model, CONFIGS[c])
+        for s in range(STEPS):
+            _drive(model, opt, path, make_batches(NAMES, n=BATCH, seed=s), rank, world)
+        results[f"{c}-{path}"] = (params_of(model), _state(opt))
     return results
 
 
@@ -294,14 +316,13 @@ def test_ranks_with_shards_equal_one_process_on_the_whole_batch(world: int, tmp_
         for other in ranks[1:]:  # every rank bit-identical: parameters and optimizer state
             assert _identical(ranks[0][key][0], other[key][0]), key
             assert _identical(ranks[0][key][1], other[key][1]), key
-    for c, config in enumerate(CONFIGS):
-        for path in ("step", "loop"):
-            model = _model()
-            opt = _opt(model, config)
-            for s in range(STEPS):
-                _drive(model, opt, path, make_batches(NAMES, n=BATCH, seed=s))
-            _close(ranks[0][f"{c}-{path}"][0], params_of(model))
-            _close(ranks[0][f"{c}-{path}"][1], _state(opt))
+    for c, path in PATHS:
+        model = _model()
+        opt = _opt(model, CONFIGS[c])
+        for s in range(STEPS):
+            _drive(model, opt, path, make_batches(NAMES, n=BATCH, seed=s))
+        _close(ranks[0][f"{c}-{path}"][0], params_of(model))
+        _close(ranks[0][f"{c}-{path}"][1], _state(opt))
 
 
 def test_a_task_s_first_buckets_are_reduced_while_its_backward_goes_on(tmp_path: Path) -> None:
