@@ -13,7 +13,8 @@ the first step through ``/proc/self/clear_refs``), ``max_memory_allocated``
 on CUDA; also shown above the process's size after imports, which counts
 the model, the optimizer state, the anchor and the noise buffers.
 
-Then, on the same resnet18 pair and the first size, three comparisons, each
+Then, on the same resnet18 pair at the first size (``--compare-sizes``
+chooses others: ``small,large`` shows where the targets hold), three comparisons, each
 side by side in one run with the same alternating pairs: the user-loop path
 (``for name in opt.iteration(): with opt.perturb(name): ...``) against
 ``opt.step(batches)`` (target <= 1.02), MT-COOL against Joint with both
@@ -598,6 +599,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compare", default="user-loop,bf16",
                         help="comparisons timed at the first size, comma list of: " + ", ".join(comparisons())
                         + " (empty: none)")
+    parser.add_argument("--compare-sizes", default=None,
+                        help="comma list of sizes the comparisons are timed at (default: the first of --sizes)")
     parser.add_argument("--compile", action="store_true", help="also time compiled MT-COOL against compiled Joint")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
     parser.add_argument("--no-pairs", action="store_true",
@@ -625,12 +628,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bad or not sizes:
         parser.error(f"--sizes: unknown {bad or args.sizes!r}; choose from {list(SIZES)}")
     compare = _compare_keys(parser, args.compare, args.compile)
+    compare_sizes = [s for s in args.compare_sizes.split(",") if s] if args.compare_sizes is not None else sizes[:1]
+    bad = [s for s in compare_sizes if s not in SIZES]
+    if bad or not compare_sizes:
+        parser.error(f"--compare-sizes: unknown {bad or args.compare_sizes!r}; choose from {list(SIZES)}")
     samples = [int(m) for m in args.samples.split(",")]
     results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "timings": [], "memory": []}
     if not args.no_pairs:
         _print_pairs(results, sizes, samples, args.repeats, device, args.no_loop)
     if compare:
-        results["comparisons"] = print_comparisons(compare, sizes[0], args.repeats, device, args.compile_backend)
+        results["comparisons"] = [row for size in compare_sizes
+                                  for row in print_comparisons(compare, size, args.repeats, device, args.compile_backend)]
     if not args.no_memory:
         _print_memory(results, sizes, device)
     if args.methods:

@@ -99,6 +99,17 @@ def test_every_comparison_prints_a_finite_ratio_and_its_target(
     assert json.loads(out.read_text())["comparisons"] == rows
 
 
+@pytest.mark.usefixtures("tiny_pair")
+def test_comparisons_are_timed_at_every_size_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = step_time.main(["--sizes", "tiny", "--compare-sizes", "tiny,small", "--repeats", "2", "--no-memory",
+                              "--no-pairs", "--device", "cpu", "--compare", "user-loop", "--out",
+                              str(tmp_path / "st.json")])
+    assert [(row["size"], row["comparison"]) for row in results["comparisons"]] == [
+        ("tiny", "MT-COOL user loop / step(batches)"), ("small", "MT-COOL user loop / step(batches)")]
+    printed = capsys.readouterr().out
+    assert "resnet18 pair, tiny (2x32x32/task)" in printed and "resnet18 pair, small (16x64x64/task)" in printed
+
+
 def test_the_user_loop_and_step_batches_train_alike() -> None:
     # The user-loop row times the same computation as step(batches): same parameters after two steps.
     torch.manual_seed(0)
@@ -118,6 +129,9 @@ def test_bad_comparison_options_are_refused_by_name(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         step_time.main(["--compare", "user-loop,fp8", "--device", "cpu"])
     assert "--compare: unknown ['fp8']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        step_time.main(["--compare-sizes", "small,huge", "--device", "cpu"])
+    assert "--compare-sizes: unknown ['huge']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="use user_loop_stepper"):
         step_time.cooperative_stepper(_TinyPair(), {}, 1, False, step_time.Setup(autocast=torch.bfloat16))
     if not torch.cuda.is_available():
