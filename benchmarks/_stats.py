@@ -18,6 +18,8 @@ the one value (or NaN) and ``low`` / ``high`` are NaN.
   seed does to both methods cancels; plus the fraction of resamples ``<= 0``,
   a one-sided p-like figure for "a beats b".
 - :func:`auroc_ci`: AUROC (torchmetrics; binary, or multiclass macro one-vs-rest) resampling the examples.
+- :func:`ratio_of_medians_ci`: ``median(a) / median(b)`` over paired rounds of a timing benchmark,
+  resampling the rounds (both methods' values of a round stay together).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-__all__ = ["TABLE_RESAMPLES", "Interval", "PairedInterval", "auroc_ci", "mean_ci", "paired_difference_ci"]
+__all__ = ["TABLE_RESAMPLES", "Interval", "PairedInterval", "auroc_ci", "mean_ci", "paired_difference_ci",
+           "ratio_of_medians_ci"]
 
 TABLE_RESAMPLES: Final[int] = 1000
 """Resamples of the per-run test-set intervals in the scenario tables (``Scenario.intervals``): enough for a
@@ -127,10 +130,25 @@ def _percentiles(statistics: Tensor, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _resampled_means(kept: Tensor, resamples: int, seed: int) -> Tensor:
+def _paired(a: Values, b: Values, unit: str) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` as vectors of equal length, without the ``unit``s (seeds, rounds) missing on either side."""
+    first, second = _vector("a", a), _vector("b", b)
+    if first.numel() != second.numel():
+        raise ValueError(
+            f"a has {first.numel()} values and b {second.numel()}; pass one value per {unit} for the same {unit}s"
+        )
+    both = torch.isfinite(first) & torch.isfinite(second)
+    return first[both], second[both]
+
+
+def _resampled_indices(n: int, resamples: int, seed: int) -> Tensor:
+    """``[resamples, n]`` indices drawn with replacement, the same for the same seed."""
     generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, kept.numel(), (resamples, kept.numel()), generator=generator)
-    return kept[index].mean(dim=1)
+    return torch.randint(0, n, (resamples, n), generator=generator)
+
+
+def _resampled_means(kept: Tensor, resamples: int, seed: int) -> Tensor:
+    return kept[_resampled_indices(kept.numel(), resamples, seed)].mean(dim=1)
 
 
 def mean_ci(values: Values, confidence: float = 0.95, *, resamples: int = 10000, seed: int = 0) -> Interval:
@@ -178,19 +196,45 @@ def paired_difference_ci(
         (0.0175, True, 0.0)
     """
     confidence, resamples, seed = _check_options(confidence, resamples, seed)
-    first, second = _vector("a", a), _vector("b", b)
-    if first.numel() != second.numel():
-        raise ValueError(
-            f"a has {first.numel()} values and b {second.numel()}; pass one value per seed for the same seeds"
-        )
-    both = torch.isfinite(first) & torch.isfinite(second)
-    differences = (first - second)[both]
+    first, second = _paired(a, b, "seed")
+    differences = first - second
     estimate = float(differences.mean()) if differences.numel() else math.nan
     if differences.numel() < 2:
         return PairedInterval(estimate, math.nan, math.nan, confidence, differences.numel(), math.nan)
     means = _resampled_means(differences, resamples, seed)
     low, high = _percentiles(means, confidence)
     return PairedInterval(estimate, low, high, confidence, differences.numel(), float((means <= 0).double().mean()))
+
+
+def ratio_of_medians_ci(
+    a: Values, b: Values, confidence: float = 0.95, *, resamples: int = 10000, seed: int = 0
+) -> Interval:
+    """``median(a) / median(b)`` over paired rounds with a paired-bootstrap interval.
+
+    ``a[r]`` and ``b[r]`` are measured in the same round ``r`` (e.g. each method's time on 2 ranks over its
+    time on 1, the rounds alternating the methods), so the bootstrap resamples rounds, keeping each round's
+    two values together. Medians are interpolated (``statistics.median``).
+
+    Args:
+        a: ``[R]`` the first quantity per round.
+        b: ``[R]`` the second, for the same rounds (positive).
+        confidence, resamples, seed: as in :func:`mean_ci`. A round with a missing value on either side is
+            left out.
+
+    Example:
+        >>> ci = ratio_of_medians_ci([1.30, 1.34, 1.31, 1.36, 1.29], [1.30, 1.31, 1.33, 1.32, 1.30])
+        >>> round(ci.estimate, 4), ci.low <= ci.estimate <= ci.high
+        (1.0, True)
+    """
+    confidence, resamples, seed = _check_options(confidence, resamples, seed)
+    first, second = _paired(a, b, "round")
+    estimate = float(torch.quantile(first, 0.5) / torch.quantile(second, 0.5)) if first.numel() else math.nan
+    if first.numel() < 2:
+        return Interval(estimate, math.nan, math.nan, confidence, first.numel())
+    index = _resampled_indices(first.numel(), resamples, seed)
+    ratios = torch.quantile(first[index], 0.5, dim=1) / torch.quantile(second[index], 0.5, dim=1)
+    low, high = _percentiles(ratios, confidence)
+    return Interval(estimate, low, high, confidence, first.numel())
 
 
 def _scores(scores: Values | Tensor) -> Tensor:

@@ -63,6 +63,8 @@ def test_quick_run_reports_finite_times_and_counts_every_parameter_byte_once(
         assert math.isfinite(row["ms_per_outer_iteration"]) and row["ms_per_outer_iteration"] > 0
         assert math.isfinite(row["overhead_vs_1_rank"]) and row["overhead_vs_1_rank"] > 0
         assert f"| {row['method']} | {row['ranks']} | {row['ms_per_outer_iteration']:.1f} |" in printed
+    low, high = written["ratios"]["overhead"]["interval_95"]
+    assert math.isfinite(low) and low <= high and f"95 % interval {low:.3f} - {high:.3f}" in printed
 
     # Counted, not estimated: at L = 1 each task's gradients are all-reduced once per outer iteration, so
     # MT-COOL sends every trainable parameter of the split network once; DDP every parameter of Joint's.

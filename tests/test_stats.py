@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
-from benchmarks._stats import auroc_ci, mean_ci, paired_difference_ci
+from benchmarks._stats import auroc_ci, mean_ci, paired_difference_ci, ratio_of_medians_ci
 
 
 def _width(low: float, high: float) -> float:
@@ -148,6 +148,30 @@ def test_multiclass_auroc_is_torchmetrics_macro_over_the_present_classes() -> No
     assert not math.isnan(auroc_ci(scores, rare, resamples=200, stratified=True).low)
 
 
+# ------------------------------------------------------------------ ratio of medians over rounds
+
+
+def test_ratio_of_medians_matches_statistics_and_a_plain_numpy_paired_bootstrap() -> None:
+    import statistics
+
+    a = [1.31, 1.36, 1.29, 1.40, 1.33, 1.30, 1.35]
+    b = [1.30, 1.37, 1.31, 1.33, 1.32, 1.29, 1.36]
+    ci = ratio_of_medians_ci(a, b, 0.9, resamples=3000, seed=2)
+    assert ci.estimate == pytest.approx(statistics.median(a) / statistics.median(b), abs=1e-12) and ci.n == 7
+    index = torch.randint(0, 7, (3000, 7), generator=torch.Generator().manual_seed(2)).numpy()
+    ratios = np.median(np.asarray(a)[index], axis=1) / np.median(np.asarray(b)[index], axis=1)  # rounds kept paired
+    assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(ratios, [0.05, 0.95])), abs=1e-12)
+
+
+def test_ratio_of_medians_of_equal_rounds_is_one_with_zero_width_and_a_shift_is_seen() -> None:
+    same = ratio_of_medians_ci([1.3, 1.5, 1.2, 1.4], [1.3, 1.5, 1.2, 1.4], resamples=500)
+    assert same.estimate == same.low == same.high == 1.0
+    slower = ratio_of_medians_ci([1.45, 1.62, 1.38, 1.51, 1.49], [1.30, 1.41, 1.22, 1.35, 1.33], resamples=2000)
+    assert slower.low > 1.0  # every round 10-15 % slower: the interval excludes parity
+    gaps = ratio_of_medians_ci([1.3, None, 1.5, 1.2], [1.3, 1.4, math.nan, 1.2], resamples=500)
+    assert gaps.n == 2  # a round missing on either side is left out
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -168,6 +192,8 @@ def test_bad_input_is_refused() -> None:
         mean_ci(3.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="a has 3 values and b 2"):
         paired_difference_ci([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="a has 3 values and b 2; pass one value per round"):
+        ratio_of_medians_ci([1.0, 2.0, 3.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="labels must be 0 or 1, got the values \\[0.0, 2.0\\]"):
         auroc_ci([0.1, 0.2], [0, 2])
     with pytest.raises(ValueError, match="scores holds NaN"):
