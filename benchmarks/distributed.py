@@ -72,9 +72,10 @@ from benchmarks.step_time import CLASSES, TASKS, _classifier_problem, _learner, 
 __all__ = ["METHODS", "WORLD", "Settings", "main", "markdown", "measure", "summarise"]
 
 WORLD: Final[int] = 2
-#: How each method is timed: one plain process; WORLD ranks synchronised; WORLD plain processes at once.
-SETTINGS: Final[tuple[str, ...]] = ("one", "ranks", "apart")
 """Ranks of the distributed setting (against one)."""
+
+SETTINGS: Final[tuple[str, ...]] = ("one", "ranks", "apart")
+"""How each method is timed: one plain process; WORLD ranks synchronised; WORLD plain processes at once."""
 
 METHODS: Final[Mapping[str, str]] = {"mt_cool": "MT-COOL", "joint": "DDP-Joint"}
 """Learner -> row label. The learners are :func:`benchmarks.step_time.method_labels` rows."""
@@ -248,12 +249,14 @@ def summarise(measured: Mapping[str, Any]) -> dict[str, Any]:
     """Rows of the table (medians), each method's overhead, and the two MT-COOL / DDP-Joint ratios."""
     times, sent = measured["times_s"], measured["bytes"]
     rows: list[dict[str, Any]] = []
+    overheads: dict[str, list[float]] = {}  # per method, per round: time(WORLD ranks) / time(1 rank)
     overhead: dict[str, float] = {}
     contention: dict[str, float] = {}
     communication: dict[str, list[float]] = {}
     for method, label in METHODS.items():
-        one, many, apart = (times[_key(method, s)] for s in ("one", "ranks", "apart"))
-        overhead[method] = statistics.median(m / o for m, o in zip(many, one, strict=True))
+        one, many, apart = (times[_key(method, s)] for s in SETTINGS)
+        overheads[method] = [m / o for m, o in zip(many, one, strict=True)]
+        overhead[method] = statistics.median(overheads[method])
         contention[method] = statistics.median(a / o for a, o in zip(apart, one, strict=True))
         communication[method] = [m / a for m, a in zip(many, apart, strict=True)]
         for setting, ranks in (("one", 1), ("ranks", WORLD)):
@@ -268,16 +271,8 @@ def summarise(measured: Mapping[str, Any]) -> dict[str, Any]:
     bytes_by = {row["learner"]: row["bytes_per_outer_iteration"] for row in rows if row["ranks"] == WORLD}
     bytes_ratio = bytes_by["mt_cool"] / bytes_by["joint"]
     overhead_ratio = overhead["mt_cool"] / overhead["joint"]
-    per_round = [
-        (mt_many / mt_one) / (joint_many / joint_one)
-        for mt_one, mt_many, joint_one, joint_many in zip(
-            times[_key("mt_cool", "one")], times[_key("mt_cool", "ranks")], times[_key("joint", "one")],
-            times[_key("joint", "ranks")], strict=True)
-    ]
-    interval = ratio_of_medians_ci(
-        [m / o for m, o in zip(times[_key("mt_cool", "ranks")], times[_key("mt_cool", "one")], strict=True)],
-        [m / o for m, o in zip(times[_key("joint", "ranks")], times[_key("joint", "one")], strict=True)],
-        resamples=2000)
+    per_round = [m / j for m, j in zip(overheads["mt_cool"], overheads["joint"], strict=True)]
+    interval = ratio_of_medians_ci(overheads["mt_cool"], overheads["joint"], resamples=2000)
     ratios = {
         "bytes": {"value": bytes_ratio, "target": "<= 1.0", "pass": bytes_ratio <= 1.0},
         "overhead": {"value": overhead_ratio, "target": "<= 1.0", "pass": overhead_ratio <= 1.0,

@@ -538,6 +538,15 @@ def print_method_tables(problems: list[str], repeats: int, device: torch.device,
     return rows
 
 
+def _size_names(parser: argparse.ArgumentParser, option: str, text: str) -> list[str]:
+    """The size names of a comma list given to ``option``; an unknown or empty list is a usage error."""
+    names = [s for s in text.split(",") if s]
+    bad = [s for s in names if s not in SIZES]
+    if bad or not names:
+        parser.error(f"{option}: unknown {bad or text!r}; choose from {list(SIZES)}")
+    return names
+
+
 def _compare_keys(parser: argparse.ArgumentParser, text: str, compile_too: bool) -> list[str]:
     """The ``--compare`` keys in table order, ``compile`` added by ``--compile``."""
     known = list(comparisons())
@@ -623,15 +632,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = torch.device(resolve_device(args.device))
     except ValueError as error:
         parser.error(str(error))
-    sizes = [s for s in args.sizes.split(",") if s]
-    bad = [s for s in sizes if s not in SIZES]
-    if bad or not sizes:
-        parser.error(f"--sizes: unknown {bad or args.sizes!r}; choose from {list(SIZES)}")
+    sizes = _size_names(parser, "--sizes", args.sizes)
     compare = _compare_keys(parser, args.compare, args.compile)
-    compare_sizes = [s for s in args.compare_sizes.split(",") if s] if args.compare_sizes is not None else sizes[:1]
-    bad = [s for s in compare_sizes if s not in SIZES]
-    if bad or not compare_sizes:
-        parser.error(f"--compare-sizes: unknown {bad or args.compare_sizes!r}; choose from {list(SIZES)}")
+    compare_sizes = sizes[:1] if args.compare_sizes is None else _size_names(parser, "--compare-sizes",
+                                                                              args.compare_sizes)
     samples = [int(m) for m in args.samples.split(",")]
     results: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "timings": [], "memory": []}
     if not args.no_pairs:

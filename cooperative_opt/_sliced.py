@@ -63,6 +63,7 @@ __all__ = ["SlicedLayers"]
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVS: dict[Callable[..., Tensor], int] = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_CONV_OF_DIMS = {dims: conv for conv, dims in _CONVS.items()}
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 #: A layer reads its weight and then its bias: the two concatenations it may use.
 _PENDING = 2
@@ -184,8 +185,7 @@ class _Layer:
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if not self.dims:
             return F.linear(x, weight, bias)
-        conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[self.dims]
-        out: Tensor = conv(x, weight, bias, self.stride, self.padding, self.dilation, 1)
+        out: Tensor = _CONV_OF_DIMS[self.dims](x, weight, bias, self.stride, self.padding, self.dilation, 1)
         return out
 
     def input_gradient(self, grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
